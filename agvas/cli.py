@@ -1,0 +1,86 @@
+"""The ``agvas`` console script.
+
+Each verb lives in the part of the project it belongs to and exposes two functions:
+``add_arguments(parser)`` and ``run(args) -> int``. This file only dispatches, importing the
+verb's module lazily so that ``agvas inspect`` on an edge box never imports torch.
+Exit codes: 0 success, 1 partial failure (e.g. some images failed), 2 usage / input error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "train": ("agvas_train.train_cli", "train AG-VAS (tiny from scratch, real configs with LoRA)"),
+    "eval": ("agvas_train.eval_cli", "evaluate a checkpoint or an export on a meta.json test split"),
+    "export": ("export.cli", "split a checkpoint into ONNX engines + manifest (and TensorRT/Triton recipes)"),
+    "calibrate": ("calibration.cli", "capture calibration data from the fp32 engines"),
+    "quantize": ("calibration.quantize_cli", "quantize an export (int4/int8/fp16) behind an accuracy gate"),
+    "inspect": ("runtime.cli", "batch-inspect images with an export directory"),
+    "bench": ("benchmarks.cli", "measure latency / throughput / memory / agreement per back-end"),
+    "demo": ("agvas_train.demo", "the embedded default: synthetic data -> train tiny -> eval -> export -> inspect"),
+    "info": ("agvas_train.info", "parameter counts and memory of the registered configs"),
+}
+
+
+class CLIError(Exception):
+    """A one-line error for the user (bad input); exit code 2."""
+
+
+def _load(verb: str):
+    module, _ = VERBS[verb]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == module or module.startswith(e.name + ".")):
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="agvas", description="AG-VAS Edge: zero-shot anomaly segmentation "
+                                "from training to edge inference.")
+    p.add_argument("--version", action="version", version=f"agvas {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (_, help_) in VERBS.items():
+        sp = sub.add_parser(verb, help=help_, description=help_)
+        sp.set_defaults(_verb=verb)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] == "--version" or argv[0] not in VERBS:
+        parser.parse_args(argv)  # prints version or the usage error (exit 2)
+        return 2
+    verb = argv[0]
+    mod = _load(verb)
+    vp = argparse.ArgumentParser(prog=f"agvas {verb}", description=VERBS[verb][1])
+    if mod is None:
+        vp.parse_args(argv[1:])
+        print(f"agvas {verb}: not built yet", file=sys.stderr)
+        return 2
+    mod.add_arguments(vp)
+    args = vp.parse_args(argv[1:])
+    try:
+        return int(mod.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"agvas {verb}: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, FileNotFoundError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"agvas {verb}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
