@@ -1,0 +1,127 @@
+"""The ``llm`` engine: the Qwen2 decoder as one fused ONNX Runtime graph.
+
+Route (measured fastest here, FACTS.md): onnxruntime-genai's model builder on the merged
+decoder saved as a local Hugging Face ``Qwen2ForCausalLM`` directory, with
+``exclude_embeds=true include_hidden_states=true prune_lm_head=true``. The graph uses ORT's
+contrib ops — ``GroupQueryAttention`` (rotary embedding fused inside, ``do_rotary=1``; no S×S
+tensors are materialised), ``SkipSimplifiedLayerNormalization`` — and computes logits for the
+last position only. IO:
+
+- inputs: ``inputs_embeds [batch_size, sequence_length, H]``, ``attention_mask`` int64
+  ``[batch_size, total_sequence_length]`` (all ones over past + new tokens: GQA reads only its
+  row sums), ``past_key_values.{i}.key|value [batch_size, kv_heads, past_sequence_length, head_dim]``;
+- outputs: ``hidden_states`` (last layer, after the final norm), ``logits [batch_size, 1, V]``,
+  ``present.{i}.key|value [batch_size, kv_heads, total_sequence_length, head_dim]``.
+
+There is no ``position_ids`` input: positions are ``past_length + i`` (manifest
+``llm.positions = "from_mask"``), which is what Qwen2's 1-D RoPE uses for unpadded prompts.
+Logits at other positions come from the ``lm_head`` engine applied to ``hidden_states``.
+
+Memory: the decoder's weights are in memory once at any time — the caller saves the merged
+decoder with :func:`save_causal_lm`, releases its model, then :func:`build_llm` lets the
+builder load the directory (it casts and writes tensors lazily, into one external-data file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agvas_train.modeling.agvas import AGVAS
+
+BUILDER_OPTIONS = ("exclude_embeds=true", "include_hidden_states=true", "prune_lm_head=true", "hf_token=false")
+# export precision -> (builder precision, builder execution provider)
+BUILDER_TARGETS = {"fp32": ("fp32", "cpu"), "fp16": ("fp16", "cuda")}
+REQUIRED_FUSED_OPS = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization")
+ROUTE = "onnxruntime-genai model builder (" + " ".join(BUILDER_OPTIONS[:3]) + ")"
+
+
+def save_causal_lm(model: AGVAS, tokenizer, out_dir: str | Path) -> Path:
+    """Write the merged decoder + LM head as a Hugging Face ``Qwen2ForCausalLM`` directory.
+
+    The ``Qwen2ForCausalLM`` shell is built on the meta device and takes the model's own modules,
+    so no weight is copied in memory."""
+    from transformers import Qwen2ForCausalLM
+
+    text_config = model.llava.config.text_config
+    with torch.device("meta"):
+        lm = Qwen2ForCausalLM(text_config)
+    lm.model = model.language_model
+    lm.lm_head = model.lm_head
+    lm.config.architectures = ["Qwen2ForCausalLM"]
+    out = Path(out_dir)
+    lm.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def build_llm(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32", filename: str = "llm.onnx") -> Path:
+    """Run onnxruntime-genai's builder on ``hf_dir``; move ``filename`` and its external data
+    into ``out_dir``. ``precision``: "fp32" (CPU graph) or "fp16" (CUDA graph)."""
+    try:
+        from onnxruntime_genai.models.builder import create_model, parse_extra_options
+    except ImportError as e:
+        raise RuntimeError("the llm engine is built with onnxruntime-genai's model builder: "
+                           "pip install onnxruntime-genai==0.18.0 (extra 'genai')") from e
+    if precision not in BUILDER_TARGETS:
+        raise ValueError(f"llm precision must be one of {sorted(BUILDER_TARGETS)}, got {precision!r}")
+    b_prec, b_ep = BUILDER_TARGETS[precision]
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".llm_build.") as tmp:
+        build, cache = Path(tmp) / "onnx", Path(tmp) / "cache"
+        opts = [*BUILDER_OPTIONS, f"filename={filename}"]
+        env_before = os.environ.get("HF_HUB_OFFLINE")
+        os.environ["HF_HUB_OFFLINE"] = "1"  # local directory only; never reach a hub
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                extra = parse_extra_options(None, str(hf_dir), str(build), b_prec, b_ep, str(cache), opts)
+                create_model(None, str(hf_dir), str(build), b_prec, b_ep, str(cache), **extra)
+        finally:
+            if env_before is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = env_before
+        for f in (filename, filename + ".data"):
+            if (build / f).exists():
+                shutil.move(str(build / f), str(out / f))
+    return out / filename
+
+
+def llm_record(tc, vocab_size: int, fused: dict[str, int]) -> dict[str, Any]:
+    """The manifest's ``llm`` block from the decoder config ``tc`` and the graph's contrib ops."""
+    missing = [op for op in REQUIRED_FUSED_OPS if op not in fused]
+    if missing:
+        raise RuntimeError(f"the llm graph lacks the fused ops {missing}; it has {fused}")
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return {
+        "num_layers": tc.num_hidden_layers, "num_heads": tc.num_attention_heads,
+        "num_kv_heads": tc.num_key_value_heads, "head_dim": head_dim, "hidden_size": tc.hidden_size,
+        "vocab_size": vocab_size, "max_positions": tc.max_position_embeddings,
+        "positions": "from_mask", "route": ROUTE, "fused_ops": fused,
+        "rotary": "fused in GroupQueryAttention (do_rotary=1)",
+        "logits": "last",
+        "kv": {"past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value",
+               "present_key": "present.{i}.key", "present_value": "present.{i}.value",
+               "layout": "[batch, kv_heads, seq, head_dim]"},
+        "attention_mask": "int64 ones [batch, past + new]; no padding (GQA reads row sums only). With "
+                          "past > 0 and more than one new token, batch must be 1 (GQA CPU).",
+    }
+
+
+def save_arrays(model: AGVAS, out_dir: str | Path, embed_dtype: str = "float32") -> tuple[Path, Path]:
+    """``embed_tokens.npy`` (the [V,H] input-embedding table, in the llm's input dtype) and
+    ``image_newline.npy`` ([H] float32, for the runtime's anyres packing)."""
+    out = Path(out_dir)
+    emb = model.embed_tokens.weight.detach().to(torch.float32).cpu().numpy().astype(embed_dtype, copy=False)
+    nl = model.llava.model.image_newline.detach().to(torch.float32).cpu().numpy()
+    np.save(out / "embed_tokens.npy", emb)
+    np.save(out / "image_newline.npy", nl)
+    return out / "embed_tokens.npy", out / "image_newline.npy"
