@@ -1,0 +1,159 @@
+"""Everything `agvas bench` needs, built once into a cache folder (``.cache/bench/`` by default):
+
+    CACHE/<config>/checkpoint/      random init (config seed) + planted answer, unless --checkpoint
+    CACHE/<config>/images/          the bench images (synthetic, seeded) or a meta.json test split
+    CACHE/<config>/export-<prec>/   `agvas export` / `agvas quantize` outputs (when those verbs exist)
+    CACHE/<config>/genai-<prec>/    onnxruntime-genai's own model of the same Qwen2 weights (the peer)
+
+Each item is rebuilt only when missing (or when its source checkpoint changed: exports and peer
+models record the checkpoint hash they were built from).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Image size per config: the smallest anyres image of each (SigLIP crop size) and SAM's input.
+DEFAULT_IMAGE_SIZE = {"tiny": 128, "ov-0.5b": 384, "ov-7b": 384}
+
+
+def synthetic_images(out_dir: Path, n: int, size: int, seed: int = 0) -> list[str]:
+    """``n`` seeded RGB images of ``size``² with a textured background and a few blobs."""
+    from PIL import Image, ImageDraw
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = out_dir / f"img_{size}_{seed}_{i:03d}.png"
+        if not p.exists():
+            rng = np.random.default_rng(seed * 1000 + i)
+            base = rng.uniform(40, 200, size=3)
+            arr = np.clip(base + rng.normal(0, 20, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            img = Image.fromarray(arr)
+            d = ImageDraw.Draw(img)
+            for _ in range(int(rng.integers(0, 3))):
+                x, y = rng.integers(0, size, 2)
+                r = int(rng.integers(size // 20 + 1, size // 6 + 2))
+                d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+            from agvas.atomic import atomic_path
+
+            with atomic_path(p) as tmp:
+                img.save(tmp, format="PNG")
+        paths.append(str(p))
+    return paths
+
+
+def planted_checkpoint(config: str, out: Path) -> tuple[Path, dict[str, Any]]:
+    """Random-init ``config`` (its seed) with the planted answer (:mod:`benchmarks.plant`), saved
+    as a full checkpoint. Reused when present."""
+    meta_path = out / "checkpoint.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if "bench_planted" in meta:
+            return out, meta["bench_planted"]
+    from agvas_train.checkpoint import save_checkpoint
+    from agvas_train.config import get_config
+    from agvas_train.modeling import build_model, image_processor_for
+
+    from .plant import plant_answer
+
+    cfg = get_config(config)
+    model, tok = build_model(cfg)
+    info = plant_answer(model, tok)
+    info["weights"] = f"random init (seed {cfg.seed}) + planted answer circuit (benchmarks/plant.py)"
+    save_checkpoint(model, tok, image_processor_for(cfg), out, extra={"bench_planted": info})
+    return out, info
+
+
+def _hash_file(ckpt: Path) -> str:
+    from agvas_train.checkpoint import checkpoint_hash
+
+    return checkpoint_hash(ckpt)
+
+
+def _stamp_ok(folder: Path, source_hash: str) -> bool:
+    stamp = folder / ".bench_source"
+    return stamp.exists() and stamp.read_text().strip() == source_hash
+
+
+def _stamp(folder: Path, source_hash: str) -> None:
+    (folder / ".bench_source").write_text(source_hash)
+
+
+def agvas_cmd(*args: str, log: Path) -> None:
+    """Run ``agvas VERB ...`` in a subprocess (its memory is released when it ends)."""
+    cmd = [sys.executable, "-m", "agvas.cli", *args]
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if r.returncode != 0:
+        raise RuntimeError(f"`agvas {' '.join(args)}` failed with exit code {r.returncode} (log: {log})")
+
+
+def verb_available(verb: str) -> str | None:
+    """``None`` when ``agvas VERB`` is implemented, else the reason it is not."""
+    import importlib.util
+
+    from agvas.cli import VERBS
+
+    module = VERBS[verb][0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else f"`agvas {verb}` is not built yet ({module} missing)"
+
+
+def export_dir(ckpt: Path, cache: Path, log: Path, extra: tuple[str, ...] = ()) -> Path:
+    """`agvas export` of ``ckpt`` into ``cache/export-fp32`` (rebuilt when the checkpoint changed)."""
+    out = cache / "export-fp32"
+    h = _hash_file(ckpt)
+    if not (_stamp_ok(out, h) and (out / "manifest.json").exists()):
+        if out.exists():
+            shutil.rmtree(out)
+        agvas_cmd("export", "--checkpoint", str(ckpt), "--out", str(out), *extra, log=log)
+        _stamp(out, h)
+    return out
+
+
+def genai_model(ckpt: Path, cache: Path, precision: str, log: Path) -> Path:
+    """onnxruntime-genai's builder (stock options: input_ids in, logits out) on the checkpoint's
+    Qwen2 decoder + LM head, ``precision`` "fp32" or "int4", CPU."""
+    out = cache / f"genai-{precision}"
+    h = _hash_file(ckpt)
+    if _stamp_ok(out, h) and (out / "genai_config.json").exists():
+        return out
+    code = (
+        "import sys, contextlib, io, os\n"
+        "os.environ['HF_HUB_OFFLINE']='1'\n"
+        "from agvas_train.checkpoint import load_checkpoint\n"
+        "from export.llm import save_causal_lm\n"
+        "from onnxruntime_genai.models.builder import create_model, parse_extra_options\n"
+        "ckpt, hf, out, prec, cache = sys.argv[1:6]\n"
+        "model, tok, _, _ = load_checkpoint(ckpt, merge=True)\n"
+        "save_causal_lm(model, tok, hf)\n"
+        "del model\n"
+        "extra = parse_extra_options(None, hf, out, prec, 'cpu', cache, ['hf_token=false'])\n"
+        "create_model(None, hf, out, prec, 'cpu', cache, **extra)\n"
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    hf, bcache = cache / f".genai-hf-{precision}", cache / f".genai-cache-{precision}"
+    with open(log, "a") as f:
+        r = subprocess.run([sys.executable, "-c", code, str(ckpt), str(hf), str(out), precision, str(bcache)],
+                           stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    shutil.rmtree(hf, ignore_errors=True)
+    shutil.rmtree(bcache, ignore_errors=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"onnxruntime-genai builder ({precision}) failed with exit code {r.returncode} (log: {log})")
+    _stamp(out, h)
+    return out

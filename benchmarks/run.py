@@ -1,0 +1,490 @@
+"""Orchestration: back-ends in their own processes, interleaved rounds, then the bench record.
+
+Each back-end is a :class:`Worker` (a subprocess running :mod:`benchmarks.worker`); a *group* of
+workers is alive at once and driven in rounds — one pass of every variant of every worker per
+round — so A/B ratios inside a group are measured side by side under the same load. The first
+``warmup`` rounds are discarded; the first recorded round stores the outputs for agreement.
+Groups run one after another (to bound memory); put the pairs whose ratio matters in one group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .backends import STAGES, Variant
+from .stats import e2e_summary, summarize
+
+
+@dataclass
+class WorkerSpec:
+    name: str  # unique, e.g. "eager-fp32"
+    kind: str  # eager | runtime | genai
+    backend: str  # label in the report
+    precision: str
+    args: dict[str, Any]
+    variants: list[str]  # Variant keys (genai: ["llm"])
+    images: list[str] = field(default_factory=list)
+
+    def to_json(self, outputs_dir: Path, threads: int) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "args": self.args, "images": self.images,
+                "outputs_dir": str(outputs_dir), "threads": threads}
+
+
+class Worker:
+    """A back-end process speaking :mod:`benchmarks.worker`'s JSON-lines protocol."""
+
+    def __init__(self, spec: WorkerSpec, outputs_dir: Path, log: Path, threads: int = 2) -> None:
+        self.spec = spec
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "TOKENIZERS_PARALLELISM": "false"}
+        self._log = open(log, "a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
+                                     cwd=str(Path(__file__).resolve().parent.parent))
+        self.setup = self.call({"cmd": "setup", "spec": spec.to_json(outputs_dir, threads)})
+
+    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.proc.poll() is not None:
+            return {"ok": False, "error": f"worker exited with code {self.proc.returncode}"}
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            return {"ok": False, "error": f"worker died (exit code {code}; see {self._log.name})"}
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@dataclass
+class VariantResult:
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    peak_rss_mb: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class WorkerResult:
+    spec: WorkerSpec
+    load_s: float | None = None
+    error: str | None = None
+    variants: dict[str, VariantResult] = field(default_factory=dict)
+
+
+def run_group(specs: list[WorkerSpec], *, warmup: int, iters: int, outputs_dir: Path, log: Path,
+              threads: int = 2, llm_prompt: Callable[[], tuple[int, int]] | None = None,
+              progress: Callable[[str], None] | None = None) -> list[WorkerResult]:
+    """Start every worker of the group, run ``warmup + iters`` interleaved rounds, stop them."""
+    outputs_dir.mkdir(parents=True, exist_ok=True)
+    workers: list[tuple[WorkerResult, Worker | None]] = []
+    try:
+        for spec in specs:
+            if progress:
+                progress(f"load {spec.name}")
+            res = WorkerResult(spec)
+            w = Worker(spec, outputs_dir, log, threads)
+            if not w.setup.get("ok"):
+                res.error = w.setup.get("error", "setup failed")
+                w.close()
+                w = None
+            else:
+                res.load_s = w.setup["load_s"]
+            workers.append((res, w))
+        for r in range(warmup + iters):
+            for res, w in workers:
+                if w is None:
+                    continue
+                for key in res.spec.variants:
+                    vr = res.variants.setdefault(key, VariantResult())
+                    if vr.error:
+                        continue
+                    if progress:
+                        progress(f"round {r + 1}/{warmup + iters} {res.spec.name} {key}")
+                    msg = {"cmd": "round", "variant": key, "save_outputs": r == warmup}
+                    if res.spec.kind == "genai":
+                        msg["prompt_tokens"], msg["new_tokens"] = llm_prompt() if llm_prompt else (512, 10)
+                    reply = w.call(msg)
+                    if not reply.get("ok"):
+                        vr.error = reply.get("error", "failed")
+                        continue
+                    if r == 0:  # peaks after each variant's first run (batch-1 variants run first)
+                        vr.peak_rss_mb = reply["peak_rss_mb"]
+                    if r >= warmup:
+                        vr.samples += reply["samples"]
+    finally:
+        for _, w in workers:
+            if w is not None:
+                w.close()
+    return [res for res, _ in workers]
+
+
+# ---- aggregation --------------------------------------------------------------------------
+
+def load_outputs(path: Path) -> list[Any]:
+    """The ``.npz`` a worker wrote, as :class:`calibration.gate.Outputs` (plus ``prob``)."""
+    from calibration.gate import Outputs
+
+    z = np.load(path)
+    out = []
+    for i in range(int(z["n"])):
+        o = Outputs(z[f"mask_{i}"], bool(z[f"verdict_{i}"]),
+                    z[f"anchors_{i}"] if f"anchors_{i}" in z else None, str(z[f"text_{i}"]))
+        o.prob = z[f"prob_{i}"].astype(np.float32) if f"prob_{i}" in z else None
+        out.append(o)
+    return out
+
+
+def agreement(reference: Path, candidate: Path) -> dict[str, Any]:
+    """Mask IoU, verdict, anchor-state cosine and text agreement against the fp32 reference
+    (calibration's gate metrics, so bench and ``agvas quantize`` agree on definitions)."""
+    from calibration.gate import compare
+
+    ref, cand = load_outputs(reference), load_outputs(candidate)
+    n = min(len(ref), len(cand))
+    g = compare(ref[:n], cand[:n], [str(i) for i in range(n)], ["bench"] * n)
+    return {"images": n, "mask_iou": {"mean": g.mean_mask_iou, "min": g.min_mask_iou},
+            "verdict_agreement": g.verdict_agreement, "anchor_cosine": {"mean": g.anchor_cosine, "min": g.min_anchor_cosine},
+            "text_agreement": g.text_agreement}
+
+
+def summarize_variant(res: WorkerResult, key: str, vr: VariantResult, config: str) -> dict[str, Any]:
+    """One ``runs[]`` record of the bench JSON."""
+    v = Variant(False, 1, "anyres") if key == "llm" else Variant.from_key(key)
+    s = vr.samples
+    stages = {}
+    for st in STAGES:
+        vals = [x["stages_ms"][st] for x in s if st in x["stages_ms"]]
+        if vals:
+            stages[st] = summarize(vals)
+    images = sum(x["images"] for x in s)
+    total_s = sum(x["e2e_ms"] for x in s) / 1e3
+    per_tok = [x["decode_ms_per_token"] for x in s if x.get("decode_ms_per_token") is not None]
+    ttft = [x["ttft_ms"] for x in s if x.get("ttft_ms") is not None]
+    return {
+        "name": f"{res.spec.name}/{key}", "config": config, "backend": res.spec.backend,
+        "precision": res.spec.precision, "fast_path": v.fast_path, "batch": v.batch,
+        "vision_tokens": v.vision_tokens, "stages": stages,
+        "e2e_ms": e2e_summary([x["e2e_ms"] / (x["images"] if v.batch > 1 else 1) for x in s]) if s else None,
+        "batch_ms": e2e_summary([x["e2e_ms"] for x in s]) if s and v.batch > 1 else None,
+        "images_per_s": images / total_s if total_s > 0 else None,
+        "ttft_ms": e2e_summary(ttft) if ttft else None,
+        "decode_ms_per_token": e2e_summary(per_tok) if per_tok else None,
+        "prompt_tokens": s[0].get("prompt_tokens") if s else None,
+        "generated_tokens": s[0].get("tokens") if s else None,
+        "samples": len(s), "peak_rss_mb": vr.peak_rss_mb, "load_s": res.load_s,
+        "mask_iou_vs_reference": None, "verdict_agreement": None, "error": vr.error or res.error,
+    }
+
+
+# ---- the whole comparison -----------------------------------------------------------------
+
+@dataclass
+class BenchOptions:
+    config: str
+    json_path: Path | None = None
+    checkpoint: Path | None = None
+    cache: Path = Path(".cache/bench")
+    results_dir: Path = Path("benchmarks/results")
+    images: int | None = None  # images per round (batch-1 variants)
+    image_size: int | None = None
+    batch: int = 4
+    warmup: int | None = None
+    iters: int | None = None
+    threads: int = 2
+    quick: bool = False
+    autocast: bool | None = None  # eager bf16 autocast too (default: tiny only)
+    base_tokens: bool = True  # a `--vision-tokens base` variant of the best back-end
+    genai: bool = True
+    only: tuple[str, ...] = ()  # restrict to these worker names
+    command: str = ""
+
+    def resolved(self) -> "BenchOptions":
+        big = self.config != "tiny"
+        d = dict(images=2 if big else (4 if self.quick else 8), warmup=1, iters=(1 if self.quick else (2 if big else 5)),
+                 autocast=not big)
+        for k, v in d.items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        self.images = max(self.images, 1)
+        return self
+
+
+PEAK_KEY = {"fp32": "fp32", "bf16": "bf16", "bf16-autocast": "bf16", "int8": "int8", "int4": "fp32"}
+
+
+def _runtime_specs(opts: BenchOptions, ckpt: Path, cfg_dir: Path, log: Path, images: list[str],
+                   skipped: dict[str, str]) -> list[WorkerSpec]:
+    """Runtime back-ends over the exports `agvas export` / `agvas quantize` build (when they exist)."""
+    from . import prepare
+
+    why = prepare.verb_available("export") or prepare.verb_available("inspect")
+    if why is None:
+        try:
+            import runtime  # noqa: F401
+
+            if not hasattr(runtime, "Inspector"):
+                why = "runtime.Inspector is not available yet"
+        except ImportError as e:
+            why = f"runtime does not import: {e}"
+    if why:
+        skipped["runtime"] = why
+        return []
+    specs = []
+    try:
+        exp = prepare.export_dir(ckpt, cfg_dir, log)
+    except RuntimeError as e:
+        skipped["runtime"] = str(e)
+        return []
+    nb = f"fast-b{opts.batch}-anyres"
+    specs.append(WorkerSpec("runtime-fp32", "runtime", "runtime-ort", "fp32", {"export_dir": str(exp)},
+                            ["fast-b1-anyres", "loop-b1-anyres", nb], images))
+    return specs
+
+
+def plan(opts: BenchOptions, progress: Callable[[str], None]) -> tuple[list[list[WorkerSpec]], dict[str, Any]]:
+    """Build what is missing in the cache and decide the worker groups."""
+    from . import prepare
+
+    cfg_dir = opts.cache / opts.config
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    log = cfg_dir / "bench.log"
+    info: dict[str, Any] = {"skipped": {}, "log": str(log)}
+    if opts.checkpoint:
+        ckpt = Path(opts.checkpoint)
+        info["weights"] = f"checkpoint {ckpt}"
+    else:
+        progress("checkpoint (random init + planted answer)")
+        ckpt, planted = prepare.planted_checkpoint(opts.config, cfg_dir / "checkpoint")
+        info["weights"] = planted["weights"]
+        info["planted"] = {k: planted[k] for k in ("ok", "ratio", "layer")}
+    info["checkpoint"] = str(ckpt)
+    size = opts.image_size or prepare.DEFAULT_IMAGE_SIZE.get(opts.config, 384)
+    n_img = max(opts.images, opts.batch)
+    images = prepare.synthetic_images(cfg_dir / "images", n_img, size)
+    info["images"] = {"count": n_img, "size": [size, size], "source": "synthetic (seeded)"}
+    one = images[: opts.images]
+
+    vt_ref = ["loop-b1-anyres"] + (["loop-b1-base"] if opts.base_tokens else [])
+    eager = [WorkerSpec("eager-fp32", "eager", "pytorch-eager", "fp32", {"checkpoint": str(ckpt), "dtype": "fp32"}, vt_ref, one),
+             WorkerSpec("eager-bf16", "eager", "pytorch-eager", "bf16", {"checkpoint": str(ckpt), "dtype": "bf16"},
+                        ["loop-b1-anyres"], one)]
+    if opts.autocast:
+        eager.append(WorkerSpec("eager-bf16-autocast", "eager", "pytorch-eager", "bf16-autocast",
+                                {"checkpoint": str(ckpt), "dtype": "autocast"}, ["loop-b1-anyres"], one))
+    runtime = _runtime_specs(opts, ckpt, cfg_dir, log, images, info["skipped"])
+    peers: list[WorkerSpec] = []
+    if opts.genai:
+        try:
+            import onnxruntime_genai  # noqa: F401
+            import export.llm  # noqa: F401  (save_causal_lm)
+
+            for prec in ("fp32", "int4"):
+                progress(f"onnxruntime-genai peer model ({prec})")
+                d = prepare.genai_model(ckpt, cfg_dir, prec, log)
+                peers.append(WorkerSpec(f"ortgenai-{prec}", "genai", "onnxruntime-genai", prec,
+                                        {"model_dir": str(d), "precision": prec}, ["llm"]))
+        except ImportError as e:
+            info["skipped"]["onnxruntime-genai"] = f"peer skipped: {e}"
+        except RuntimeError as e:
+            info["skipped"]["onnxruntime-genai"] = f"peer skipped: {e}"
+    if opts.base_tokens and runtime:
+        runtime[0].variants.append("fast-b1-base")
+    groups = [eager + runtime[:1], runtime[1:] + peers] if opts.config != "tiny" else [eager + runtime + peers]
+    groups = [[s for s in g if not opts.only or s.name in opts.only] for g in groups]
+    return [g for g in groups if g], info
+
+
+def bench(opts: BenchOptions, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Run the comparison for ``opts.config``; returns the bench record (and writes the outputs)."""
+    import datetime
+
+    from agvas_train.config import get_config
+
+    from . import report
+    from .machine import measure_machine
+
+    opts.resolved()
+    progress("machine peaks")
+    machine = measure_machine(quick=opts.quick, threads=opts.threads)
+    groups, info = plan(opts, progress)
+    cfg_dir = opts.cache / opts.config
+    outputs_dir = cfg_dir / "outputs"
+    results: list[WorkerResult] = []
+    prompt_len: dict[str, int] = {}
+
+    def llm_prompt() -> tuple[int, int]:
+        return prompt_len.get("tokens", 512), prompt_len.get("new", 10)
+
+    for gi, group in enumerate(groups):
+        done = run_group(group, warmup=opts.warmup, iters=opts.iters, outputs_dir=outputs_dir,
+                         log=Path(info["log"]), threads=opts.threads, llm_prompt=llm_prompt,
+                         progress=lambda s, gi=gi: progress(f"group {gi + 1}/{len(groups)}: {s}"))
+        results += done
+        for r in done:  # the peers use the reference's prompt length and answer length
+            vr = r.variants.get("loop-b1-anyres")
+            if r.spec.name == "eager-fp32" and vr and vr.samples:
+                prompt_len["tokens"] = vr.samples[0]["prompt_tokens"]
+                prompt_len["new"] = vr.samples[0]["tokens"]
+    runs = []
+    for r in results:
+        if r.error and not r.variants:
+            runs.append({"name": r.spec.name, "config": opts.config, "backend": r.spec.backend,
+                         "precision": r.spec.precision, "error": r.error})
+            continue
+        for key, vr in r.variants.items():
+            rec = summarize_variant(r, key, vr, opts.config)
+            rec["image_size"] = info["images"]["size"]
+            ref = outputs_dir / f"eager-fp32__loop-b1-{rec['vision_tokens']}.npz"
+            cand = outputs_dir / f"{r.spec.name}__{key}.npz"
+            if r.spec.kind != "genai" and ref.exists() and cand.exists():
+                ag = agreement(ref, cand)
+                rec["mask_iou_vs_reference"] = ag["mask_iou"]
+                rec["verdict_agreement"] = ag["verdict_agreement"]
+                rec["agreement"] = ag
+            runs.append(rec)
+    cfg = get_config(opts.config)
+    efficiency(runs, cfg, machine)
+    record = {
+        "schema": "agvas-bench/1",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": opts.command,
+        "config": opts.config,
+        "machine": machine,
+        "setup": {**info, "warmup": opts.warmup, "iters": opts.iters, "images_per_round": opts.images,
+                  "batch": opts.batch, "threads": opts.threads,
+                  "note": "contended timings are only comparable as ratios inside one group (interleaved rounds)"},
+        "groups": [[s.name for s in g] for g in groups],
+        "runs": runs,
+    }
+    record["speedup"], record["rss_fraction_vs_eager_fp32"], record["best"] = speedups(runs)
+    report.write_all(record, opts.json_path, opts.results_dir)
+    return record
+
+
+def _find(runs: list[dict], name: str, key: str | None = None) -> dict | None:
+    for r in runs:
+        if r["name"] == (f"{name}/{key}" if key else name) and not r.get("error"):
+            return r
+    return None
+
+
+def _p50(r: dict | None, *path: str) -> float | None:
+    x: Any = r
+    for p in path:
+        x = x.get(p) if isinstance(x, dict) else None
+    return x
+
+
+def _llm_ms(r: dict | None) -> float | None:
+    if not r:
+        return None
+    pre, dec = _p50(r, "stages", "prefill", "p50_ms"), _p50(r, "stages", "decode", "p50_ms")
+    return None if pre is None else pre + (dec or 0.0)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def efficiency(runs: list[dict], cfg, machine: dict) -> None:
+    """Achieved FLOP/s per compute-bound stage and its fraction of the machine's measured peak of
+    the precision the stage runs in (prefill, vision, SAM encoder); decode as a share of the
+    measured memory bandwidth (weights streamed once per token)."""
+    from calibration.memory_plan import engine_weights, token_counts
+    from agvas_train.modeling import build_model
+
+    from .flops import lm_head_flops, llm_flops, pipeline_flops
+
+    meta_model, tok = build_model(cfg, device="meta")
+    weights = engine_weights(meta_model)
+    cache: dict[tuple, Any] = {}
+    for r in runs:
+        if r.get("error") or not r.get("stages"):
+            continue
+        size = tuple(r.get("image_size") or (0, 0))
+        key = (r["vision_tokens"], size)
+        peak = machine["peak_gflops"].get(PEAK_KEY.get(r["precision"], "fp32"))
+        eff: dict[str, Any] = {"peak_gflops": peak, "peak_key": PEAK_KEY.get(r["precision"], "fp32")}
+        if r["backend"] != "onnxruntime-genai" and size[0]:
+            if key not in cache:
+                cache[key] = token_counts(meta_model, tok, size, r["vision_tokens"])
+            tc = cache[key]
+            f = pipeline_flops(cfg, tc, vocab=meta_model.ids.vocab_size)
+            flops = {"vision": f["vision"], "sam_encoder": f["sam_encoder"]}
+        else:
+            flops = {}
+        if r.get("prompt_tokens"):  # the prompt actually prefilled (the fast path adds the answer)
+            flops["prefill"] = llm_flops(cfg, r["prompt_tokens"])["total"] + lm_head_flops(cfg, 1, meta_model.ids.vocab_size)
+        for st, fl in flops.items():
+            ms = _p50(r, "stages", st, "p50_ms")
+            if ms:
+                g = fl / (ms / 1e3) / 1e9
+                eff[st] = {"gflop": fl / 1e9, "achieved_gflops": g, "fraction_of_peak": g / peak if peak else None}
+        tok_ms = _p50(r, "decode_ms_per_token", "p50")
+        prec = {"bf16": "fp16", "bf16-autocast": "fp32"}.get(r["precision"], r["precision"])
+        if tok_ms and prec in ("fp32", "fp16", "int8", "int4"):
+            nbytes = sum(weights[e].bytes(prec) for e in ("llm", "lm_head"))  # streamed once per token
+            gbs = nbytes / (tok_ms / 1e3) / 1e9
+            eff["decode"] = {"weight_gb": nbytes / 1e9, "achieved_gbs": gbs,
+                             "fraction_of_bandwidth": gbs / machine["memory_bandwidth_gbs"]}
+        r["efficiency"] = eff
+
+
+def speedups(runs: list[dict]) -> tuple[dict[str, Any], float | None, str | None]:
+    """Ratios > 1 mean faster, for the best accuracy-gated runtime back-end (batch 1, anyres,
+    fast path; mean mask IoU vs reference ≥ 0.95 and verdict agreement ≥ 0.99)."""
+    cands = [r for r in runs if not r.get("error") and r["backend"].startswith("runtime") and r["batch"] == 1
+             and r["fast_path"] and r["vision_tokens"] == "anyres" and r.get("e2e_ms")
+             and (r.get("mask_iou_vs_reference") or {}).get("mean", 0) >= 0.95 and (r.get("verdict_agreement") or 0) >= 0.99]
+    best = min(cands, key=lambda r: r["e2e_ms"]["p50"]) if cands else None
+    fp32, bf16 = _find(runs, "eager-fp32", "loop-b1-anyres"), _find(runs, "eager-bf16", "loop-b1-anyres")
+    auto = _find(runs, "eager-bf16-autocast", "loop-b1-anyres")
+    sp: dict[str, Any] = {
+        "e2e_vs_eager_fp32": None, "e2e_vs_eager_bf16": None, "llm_fast_path": None, "batch_throughput": None,
+        "prefill_fraction_of_peak": None,
+        "e2e_bf16_vs_eager_fp32": _ratio(_p50(fp32, "e2e_ms", "p50"), _p50(bf16, "e2e_ms", "p50")),
+        "e2e_bf16_vs_bf16_autocast": _ratio(_p50(auto, "e2e_ms", "p50"), _p50(bf16, "e2e_ms", "p50")),
+    }
+    rss = None
+    if best:
+        wname = best["name"].split("/")[0]
+        loop = _find(runs, wname, "loop-b1-anyres")
+        batch = next((r for r in runs if r["name"].startswith(wname + "/") and r["batch"] > 1 and not r.get("error")), None)
+        sp["e2e_vs_eager_fp32"] = _ratio(_p50(fp32, "e2e_ms", "p50"), best["e2e_ms"]["p50"])
+        sp["e2e_vs_eager_bf16"] = _ratio(_p50(bf16, "e2e_ms", "p50"), best["e2e_ms"]["p50"])
+        sp["llm_fast_path"] = _ratio(_llm_ms(loop), _llm_ms(best))
+        sp["batch_throughput"] = _ratio(_p50(batch, "images_per_s"), best.get("images_per_s"))
+        sp["prefill_fraction_of_peak"] = _p50(best, "efficiency", "prefill", "fraction_of_peak")
+        rss = _ratio(best.get("peak_rss_mb"), _p50(fp32, "peak_rss_mb"))
+        if rss:
+            rss = 1.0 / rss  # a fraction, not a speed-up: best / eager fp32
+    vs = {}
+    for prec in ("fp32", "int4"):
+        peer = _find(runs, f"ortgenai-{prec}", "llm")
+        ours = next((r for r in runs if not r.get("error") and r["backend"].startswith("runtime") and r["precision"] == prec
+                     and not r["fast_path"] and r["batch"] == 1 and r["vision_tokens"] == "anyres"), None)
+        if peer:
+            vs[prec] = {"prompt_tokens": peer.get("prompt_tokens"),
+                        "peer_ttft_ms": _p50(peer, "ttft_ms", "p50"), "peer_decode_ms_per_token": _p50(peer, "decode_ms_per_token", "p50"),
+                        "ttft": _ratio(_p50(peer, "ttft_ms", "p50"), _p50(ours, "stages", "prefill", "p50_ms")),
+                        "decode": _ratio(_p50(peer, "decode_ms_per_token", "p50"), _p50(ours, "decode_ms_per_token", "p50"))}
+    sp["llm_vs_ortgenai"] = vs or None
+    return sp, rss, best["name"] if best else None
