@@ -53,6 +53,8 @@ def load_image(src, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
                 raise ImageError(f"{name}: file not found")
             if p.is_dir():
                 raise ImageError(f"{name}: is a directory, expected an image file")
+            if not p.is_file():  # a FIFO or device would block or never end
+                raise ImageError(f"{name}: not a regular file, expected an image file")
             if p.stat().st_size == 0:
                 raise ImageError(f"{name}: empty file (0 bytes)")
         try:

@@ -119,6 +119,9 @@ def sam_input(image: Image.Image, p: SamParams) -> tuple[np.ndarray, tuple[int, 
     """``[1,3,S,S]`` float32 (resized, normalised, zero-padded) and the resized ``(h, w)``."""
     s = p.img_size
     nh, nw = sam_resize_shape(image.height, image.width, s)
+    if min(nh, nw) < 1:
+        raise ValueError(f"{image.width}x{image.height}: aspect ratio too extreme for the {s}x{s} pixel-encoder "
+                         f"input (a side would be {min(nh, nw)} pixels)")
     x = np.asarray(image.resize((nw, nh), Image.BILINEAR), dtype=np.float32)
     x = (x - np.asarray(p.mean, np.float32)) / np.asarray(p.std, np.float32)
     out = np.zeros((1, 3, s, s), np.float32)

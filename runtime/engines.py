@@ -1,0 +1,254 @@
+"""ONNX Runtime sessions for an export directory, with the provider selected explicitly.
+
+Providers (``provider=``):
+
+- ``cpu``: ``CPUExecutionProvider`` with ``threads`` intra-op threads;
+- ``cuda``: ``CUDAExecutionProvider`` (options from the manifest's ``gpu.cuda_ep``);
+- ``tensorrt``: ``TensorrtExecutionProvider`` (``gpu.tensorrt_ep``: fp16/int8 flags, engine
+  cache) with CUDA for the nodes TensorRT does not take;
+- ``tensorrt-native``: the vision-side engines (``vision``, ``sam_encoder``, ``spam``, ``agmd``)
+  as native TensorRT engines through ``runtime/trt_engine.py``, the LLM on the CUDA EP.
+
+A GPU provider that ONNX Runtime does not have, or that a session silently drops in favour of
+the CPU, is an error — a CPU run is never reported under a GPU name. Every session's IO is
+checked against the manifest before use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from export.manifest import Manifest, ManifestError
+
+PROVIDERS = ("cpu", "cuda", "tensorrt", "tensorrt-native")
+NATIVE_TRT_ENGINES = ("vision", "sam_encoder", "spam", "agmd")
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def ort_providers(provider: str, engine: str, manifest: Manifest) -> list:
+    """The ONNX Runtime provider list for one engine (GPU providers checked to exist).
+
+    ``tensorrt`` puts the engines the manifest lists under ``gpu.tensorrt_ep.engines`` on the
+    TensorRT EP (its options + the engine's optimisation profile; cache and calibration paths made
+    absolute under the export directory) and the rest (the LLM) on the CUDA EP."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise ValueError(f"--provider {provider!r}: expected one of {list(PROVIDERS)}")
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    gpu = manifest.data.get("gpu") or {}
+    trt = gpu.get("tensorrt_ep") or {}
+    use_trt = provider == "tensorrt" and engine in trt.get("engines", ())
+    need = "TensorrtExecutionProvider" if use_trt else "CUDAExecutionProvider"
+    have = ort.get_available_providers()
+    if need not in have:
+        raise ValueError(f"--provider {provider}: this onnxruntime ({ort.__version__}) has no {need} "
+                         f"(available: {have}); install onnxruntime-gpu on a CUDA machine")
+    cuda = ("CUDAExecutionProvider", dict((gpu.get("cuda_ep") or {}).get("options") or {}))
+    if not use_trt:
+        return [cuda, "CPUExecutionProvider"]
+    opts = {**(trt.get("options") or {}), **((trt.get("per_engine") or {}).get(engine) or {})}
+    for key in ("trt_engine_cache_path", "trt_int8_calibration_table_name"):
+        if key in opts:
+            opts[key] = str((manifest.root / opts[key]).resolve())
+    return [("TensorrtExecutionProvider", opts), cuda, "CPUExecutionProvider"]
+
+
+class Engine:
+    """One ONNX Runtime session. ``run(**feeds)`` casts float feeds to the graph's declared dtype
+    (fp16 engines take float32 arrays) and returns float32 outputs by name."""
+
+    def __init__(self, name: str, path: Path, providers: list, threads: int, manifest: Manifest | None) -> None:
+        import onnxruntime as ort
+
+        if not path.is_file():
+            raise FileNotFoundError(f"engine {name!r}: {path} does not exist")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        self.name, self.path = name, path
+        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        want = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        got = self.session.get_providers()
+        if want not in got:
+            raise RuntimeError(f"engine {name!r}: ONNX Runtime did not enable {want} for {path} "
+                               f"(session providers: {got})")
+        self.provider = want
+        if manifest is not None:
+            manifest.verify_session(name, self.session)
+        self.inputs = {a.name: a for a in self.session.get_inputs()}
+        self.input_dtypes = {a.name: _dtype(a.type) for a in self.session.get_inputs()}
+        self.output_names = [a.name for a in self.session.get_outputs()]
+
+    def feed(self, name: str, x: np.ndarray) -> np.ndarray:
+        dt = self.input_dtypes[name]
+        return np.ascontiguousarray(x, dtype=dt) if x.dtype != dt or not x.flags.c_contiguous else x
+
+    def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(None, {k: self.feed(k, v) for k, v in feeds.items()})
+        return {n: (o.astype(np.float32) if o.dtype == np.float16 else o) for n, o in zip(self.output_names, outs)}
+
+
+class NativeTRT:
+    """A native TensorRT plan (``runtime/trt_engine.py``, built by ``export/tensorrt.py``) behind
+    the :class:`Engine` call shape: ``run(**feeds)`` with float32 outputs."""
+
+    provider = "TensorRT (native)"
+
+    def __init__(self, name: str, plan: Path) -> None:
+        from .trt_engine import TRTEngine
+
+        self.name, self.path = name, Path(plan)
+        self.trt = TRTEngine(plan)
+
+    def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        return {n: (o.astype(np.float32) if o.dtype == np.float16 else o) for n, o in self.trt(feeds).items()}
+
+
+def _dtype(ort_type: str):
+    name = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+            "tensor(int32)": "int32"}.get(ort_type)
+    if name is None:
+        raise ManifestError(f"unsupported engine input type {ort_type}")
+    return _NP_DTYPES[name]
+
+
+class LLM:
+    """The ``llm`` engine with its KV cache kept in ONNX Runtime's memory (IO binding): the
+    present KV of one call is bound as the next call's past without a round trip through numpy.
+
+    ``__call__(embeds [B,S,H], past) -> (hidden [B,S,H], logits [B,V], present)``; ``past`` is
+    ``None`` for a prefill. Positions come from the attention mask (manifest
+    ``llm.positions = "from_mask"``) or are fed explicitly (``"explicit"``)."""
+
+    def __init__(self, engine: Engine, spec: dict) -> None:
+        self.engine = engine
+        self.spec = spec
+        kv = spec.get("kv") or {}
+        n = int(spec["num_layers"])
+        self.past_names = [(kv.get("past_key", "past_key_values.{i}.key").format(i=i),
+                            kv.get("past_value", "past_key_values.{i}.value").format(i=i)) for i in range(n)]
+        self.present_names = [(kv.get("present_key", "present.{i}.key").format(i=i),
+                               kv.get("present_value", "present.{i}.value").format(i=i)) for i in range(n)]
+        self.kv_heads, self.head_dim = int(spec["num_kv_heads"]), int(spec["head_dim"])
+        self.explicit_positions = spec["positions"] == "explicit"
+        self.kv_dtype = engine.input_dtypes[self.past_names[0][0]]
+        self.device = "cuda" if engine.provider != "CPUExecutionProvider" else "cpu"
+
+    def empty_past(self, batch: int) -> list:
+        import onnxruntime as ort
+
+        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype)
+        v = ort.OrtValue.ortvalue_from_numpy(z)
+        return [(v, v)] * len(self.past_names)
+
+    @staticmethod
+    def past_length(past: list) -> int:
+        return int(past[0][0].shape()[2])
+
+    def __call__(self, embeds: np.ndarray, past: list | None):
+        b, s, _ = embeds.shape
+        past = past if past is not None else self.empty_past(b)
+        p = self.past_length(past)
+        io = self.engine.session.io_binding()
+        io.bind_cpu_input("inputs_embeds", self.engine.feed("inputs_embeds", embeds))
+        io.bind_cpu_input("attention_mask", np.ones((b, p + s), np.int64))
+        if self.explicit_positions:
+            io.bind_cpu_input("position_ids", np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy())
+        for (kn, vn), (k, v) in zip(self.past_names, past):
+            io.bind_ortvalue_input(kn, k)
+            io.bind_ortvalue_input(vn, v)
+        io.bind_output("hidden_states", "cpu")
+        io.bind_output("logits", "cpu")
+        for kn, vn in self.present_names:
+            io.bind_output(kn, self.device)
+            io.bind_output(vn, self.device)
+        self.engine.session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        hidden = outs[0].numpy().astype(np.float32, copy=False)
+        logits = outs[1].numpy().astype(np.float32, copy=False)[:, -1]
+        present = [(outs[2 + 2 * i], outs[3 + 2 * i]) for i in range(len(self.present_names))]
+        return hidden, logits, present
+
+    def truncate(self, past: list, length: int, row: int | None = None) -> list:
+        """The first ``length`` positions of a KV cache (optionally one batch row) — for the
+        fast path's fallback: KV at position i depends only on tokens <= i."""
+        import onnxruntime as ort
+
+        rows = slice(None) if row is None else slice(row, row + 1)
+        return [tuple(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x.numpy()[rows, :, :length]),
+                                                       self.device, 0) for x in kv) for kv in past]
+
+
+class Engines:
+    """All engines of an export. ``files`` overrides engine files by name (e.g. a quantized
+    ``{"llm": "llm_int4.onnx"}``); an override's IO is checked against the manifest by name."""
+
+    def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int | None = None,
+                 files: dict[str, str | os.PathLike] | None = None) -> None:
+        self.manifest = manifest
+        self.provider = provider
+        self.threads = threads or default_threads()
+        files = dict(files or {})
+        unknown = sorted(set(files) - set(manifest.engines))
+        if unknown:
+            raise ValueError(f"engine overrides {unknown} are not engines of {manifest.root} "
+                             f"(it has {sorted(manifest.engines)})")
+        ep = "cuda" if provider == "tensorrt-native" else provider
+
+        def onnx(name: str) -> Engine:
+            path = self._path(name, files)
+            return Engine(name, path, ort_providers(ep, name, manifest), self.threads,
+                          manifest if name not in files else None)
+
+        if provider == "tensorrt-native":
+            plans = (manifest.data.get("gpu") or {}).get("tensorrt", {}).get("plans", {})
+            self.vision, self.sam_encoder, self.spam, self.agmd = (
+                NativeTRT(n, self._path(n, files) if n in files else manifest.root / plans[n])
+                for n in NATIVE_TRT_ENGINES)
+        else:
+            self.vision, self.sam_encoder, self.spam, self.agmd = (onnx(n) for n in NATIVE_TRT_ENGINES)
+        self.lm_head = onnx("lm_head")
+        self.llm = LLM(onnx("llm"), manifest.llm)
+        self.embed_tokens = self._array("embed_tokens", files)
+        self.image_newline = self._array("image_newline", files).astype(np.float32)
+        for name in files:
+            e = getattr(self, name, None)
+            if isinstance(e, Engine):
+                _check_names(name, manifest.engine(name), e)
+            elif isinstance(e, LLM):
+                _check_names(name, manifest.engine(name), e.engine)
+
+    def _path(self, name: str, files: dict) -> Path:
+        if name not in files:
+            return self.manifest.engine_path(name)
+        p = Path(files[name])
+        return p if p.is_absolute() or p.exists() else self.manifest.root / p
+
+    def _array(self, name: str, files: dict) -> np.ndarray:
+        return np.load(self._path(name, files), mmap_mode="r", allow_pickle=False)
+
+    @property
+    def providers(self) -> dict[str, str]:
+        """Engine -> the provider that actually runs it."""
+        out = {n: getattr(self, n).provider for n in ("vision", "sam_encoder", "spam", "agmd", "lm_head")}
+        out["llm"] = self.llm.engine.provider
+        return out
+
+
+def _check_names(name: str, entry: dict, engine: Engine) -> None:
+    want = sorted(x["name"] for x in entry["inputs"]), sorted(x["name"] for x in entry["outputs"])
+    got = sorted(engine.inputs), sorted(engine.output_names)
+    if want != got:
+        raise ManifestError(f"engine {name!r}: manifest IO {want} but override {engine.path} has {got}")
