@@ -55,6 +55,28 @@ EXPLAIN_ANSWERS = (
 
 CANONICAL_DIRECT_ANSWER = DIRECT_ANSWERS[0]
 
+# ---- Anomaly-Instruct fields (paper §3.3): filled by agvas_train/data/instruct.py -------------
+# Slots: {cat} category, {defect} defect name, {count} "one"/"two"/..., {size} size word,
+# {shape} shape word, {colour} appearance word, {where} location phrase ("the top left"),
+# {percent} integer share of the image covered, {be} "is"/"are", {plural} "" or "s".
+EXPECTATION = "A normal {cat} should have a consistent appearance without any {defect}."
+OBSERVATION = ("There {be} {count} {size} {shape} {colour} {defect}{plural} located at {where} of the {cat}, "
+               "covering about {percent} percent of the image.")
+DIAGNOSIS = "The {defect} breaks the regular texture and structural consistency of the {cat}, so it is an anomaly."
+SUMMARY = "The anomaly is a {size} {colour} {defect} located at {where} of the {cat}, as indicated by " + ANCHOR_PHRASE + "."
+EXPLANATION = ("The {cat} is expected to look consistent, but a {size} {colour} {defect} appears at {where}; "
+               "it deviates from the normal pattern and is therefore marked as anomalous.")
+NORMAL_OBSERVATION = "The {cat} shows no visible deviation from its normal appearance."
+NORMAL_DIAGNOSIS = "Nothing breaks the regular texture and structural consistency of the {cat}, so it is normal."
+NORMAL_SUMMARY = "The {cat} looks normal. No anomalies are found, as indicated by " + ANCHOR_PHRASE + "."
+NORMAL_EXPLANATION = "The {cat} appears normal and no defect is visible."
+# General segmentation (LISA-style sources): the target phrase replaces the anomaly word.
+GENERAL_INSTRUCTIONS = (
+    "Please segment the {target} in this image.",
+    "Can you segment the {target} in this image?",
+    "What is {target} in this image? Please output the segmentation mask.",
+)
+
 
 def canonical_instruction(mode: str, normal_sentence: str | None = None, target: str = "anomalies") -> str:
     """The instruction used at inference for ``mode`` (canonical template, target 'anomalies')."""

@@ -32,6 +32,33 @@ def tiny_parts():
 
 
 @pytest.fixture(scope="session")
+def trained_tiny_checkpoint(tmp_path_factory):
+    """Checkpoint dir of a tiny model trained with the real trainer (`quick_train_tiny`: ~300
+    steps on blob-like synthetic defects, direct mode). ``AGVAS_TEST_CHECKPOINT=DIR`` uses DIR."""
+    from pathlib import Path
+
+    env = os.environ.get("AGVAS_TEST_CHECKPOINT")
+    if env:
+        return Path(env)
+    from agvas_train.train import CHECKPOINT, quick_train_tiny
+
+    out = tmp_path_factory.mktemp("trained_tiny")
+    quick_train_tiny(out)
+    return out / CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(trained_tiny_checkpoint):
+    """``(model, tokenizer, image_processor)`` of that checkpoint: answers "Sure, it is
+    [NOR][ANO][SEG]." in direct mode with decisive maps. Anomalous test images:
+    ``agvas_train.data.synthetic.make_sample(cat, kind, seed, i)`` (see ``train.QUICK_SPEC``)."""
+    from agvas_train.checkpoint import load_checkpoint
+
+    model, tok, proc, _ = load_checkpoint(trained_tiny_checkpoint)
+    return model, tok, proc
+
+
+@pytest.fixture(scope="session")
 def anchor_model():
     """A tiny model taught (text loss only) to answer the direct instruction with the anchors."""
     from agvas_train.config import tiny
