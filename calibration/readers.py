@@ -13,6 +13,7 @@ calibration artefacts made from them.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -43,6 +44,7 @@ class StoreReader(CalibrationDataReader):
         self.max_tokens = max_tokens
         self.store.count(engine)  # refuses an engine without samples
         self._it: Iterator[dict[str, np.ndarray]] | None = None
+        self._range = (0, len(self))
 
     def __len__(self) -> int:
         n = self.store.count(self.engine)
@@ -51,12 +53,16 @@ class StoreReader(CalibrationDataReader):
     def __deepcopy__(self, memo: dict) -> "StoreReader":
         return StoreReader(self.store, self.engine, self.limit, self.max_tokens)
 
-    def rewind(self) -> None:
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """Serve samples ``[start_index, end_index)`` next (ORT's strided calibration, which keeps
+        the calibrator's memory to one stride of intermediate outputs)."""
+        self._range = (start_index, min(end_index, len(self)))
         self._it = None
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._it is None:
-            self._it = self.store.samples(self.engine, self.limit)
+            start, end = self._range
+            self._it = itertools.islice(self.store.samples(self.engine, self.limit), start, end)
         feeds = next(self._it, None)
         if feeds is not None and self.max_tokens is not None and "inputs_embeds" in feeds:
             feeds = truncate_prefill(feeds, self.max_tokens)
@@ -76,7 +82,7 @@ def truncate_prefill(feeds: dict[str, np.ndarray], max_tokens: int) -> dict[str,
     return out
 
 
-def tensorrt_ep_table(model_path: str | os.PathLike, reader: CalibrationDataReader, out_dir: str | os.PathLike,
+def tensorrt_ep_table(model_path: str | os.PathLike, reader: StoreReader, out_dir: str | os.PathLike,
                       op_types: tuple[str, ...] | None = TABLE_OP_TYPES) -> dict[str, Any]:
     """Write ``calibration.flatbuffers`` (what the TensorRT EP reads), ``calibration.cache`` and
     ``calibration.json`` into ``out_dir``; returns a record (tensor count, files)."""
@@ -90,7 +96,9 @@ def tensorrt_ep_table(model_path: str | os.PathLike, reader: CalibrationDataRead
                                 calibrate_method=CalibrationMethod.MinMax,
                                 use_external_data_format=_has_external_data(model_path),
                                 extra_options={"symmetric": True})
-        cal.collect_data(reader)
+        for i in range(len(reader)):  # one sample at a time: ranges merge, memory stays bounded
+            reader.set_range(i, i + 1)
+            cal.collect_data(reader)
         ranges = cal.compute_data()
         del cal
     write_calibration_table(ranges, dir=str(out))
