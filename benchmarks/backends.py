@@ -189,7 +189,8 @@ class GenAIPeer:
         og = self.og
         ids = np.random.default_rng(seed).integers(0, min(self.vocab, 1000), size=prompt_tokens).astype(np.int32)
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=prompt_tokens + new_tokens, do_sample=False)
+        params.set_search_options(max_length=prompt_tokens + new_tokens, min_length=prompt_tokens + new_tokens,
+                                  do_sample=False)
         gen = og.Generator(self.model, params)
         t0 = time.perf_counter()
         gen.append_tokens(ids)
@@ -221,6 +222,7 @@ class RuntimeBackend:
         self.insp = Inspector(export_dir, provider=provider, mode="direct", threads=threads,
                               engine_files=engine_files or None)
         self.supported = list(self.insp.manifest.data["vision_tokens"]["supported"])
+        self.engine_precisions = {k: v.get("precision") for k, v in self.insp.manifest.data["engines"].items()}
         self.n_text = len(self.insp.pre_ids) + len(self.insp.post_ids)
 
     def _set(self, v: Variant) -> None:

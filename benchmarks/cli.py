@@ -12,6 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, choices=["tiny", "ov-0.5b"],
                    help="tiny (a trained checkpoint: accuracy and latency) or ov-0.5b (random weights: latency, memory)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint to benchmark (default: random init + planted answer)")
+    p.add_argument("--data", type=Path, help="meta.json whose test split gives the images and the accuracy metrics "
+                   "(default: DATA/meta.json beside an `agvas demo` checkpoint; else synthetic images)")
     p.add_argument("--json", type=Path, dest="json_path", help="write the bench record here")
     p.add_argument("--cache", type=Path, default=Path(".cache/bench"), help="where exports / peer models are built")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="markdown + PNG charts folder")
@@ -24,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small peaks micro-benchmark, fewer images and rounds")
     p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
                    help="also eager bf16 under torch.autocast (default: on for tiny, off for ov-0.5b)")
+    p.add_argument("--quantized", nargs="*", choices=("int8", "int4"), default=["int8", "int4"], metavar="LLM",
+                   help="LLM precisions of the quantized runtime exports (agvas calibrate + quantize; vision int8); "
+                        "none: fp32 runtime only (default: int8 int4)")
     p.add_argument("--no-genai", dest="genai", action="store_false", help="skip the onnxruntime-genai peer")
     p.add_argument("--no-base-tokens", dest="base_tokens", action="store_false",
                    help="skip the --vision-tokens base variant")
@@ -45,10 +50,14 @@ def run(args) -> int:
         raise ValueError(f"--warmup must be ≥ 0, got {args.warmup}")
     if args.checkpoint and not (args.checkpoint / "checkpoint.json").is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: not a checkpoint directory (no checkpoint.json)")
-    opts = BenchOptions(config=args.config, json_path=args.json_path, checkpoint=args.checkpoint, cache=args.cache,
+    if args.data is not None and not args.data.is_file():
+        raise FileNotFoundError(f"--data {args.data}: not a meta.json file")
+    opts = BenchOptions(config=args.config, json_path=args.json_path, checkpoint=args.checkpoint, data=args.data,
+                        cache=args.cache,
                         results_dir=args.results, images=args.images, image_size=args.image_size, batch=args.batch,
                         warmup=args.warmup, iters=args.iters, threads=args.threads, quick=args.quick,
                         autocast=args.autocast, base_tokens=args.base_tokens, genai=args.genai, only=tuple(args.only),
+                        quantized=tuple(args.quantized),
                         command="agvas bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     bar = tqdm(desc="bench", bar_format="{desc} [{elapsed}]", file=sys.stderr)
 

@@ -3,17 +3,19 @@
 A random model never emits the anchors: greedy decoding runs to ``max_new_tokens``, the
 forced-answer fast path always falls back, and AGMD never runs — timings that no trained model
 would have. For `ov-0.5b` latency work (and quick `tiny` smoke runs) we therefore *plant* the
-canonical direct answer ("Sure, it is [NOR][ANO][SEG]." + EOS) in the last decoder layer's MLP:
-a bigram circuit that maps each answer token (and the prompt's last token) to the next one.
+canonical direct answer ("Sure, it is [NOR][ANO][SEG]." + EOS) in the *first* decoder layer's
+MLP: a bigram circuit that maps each answer token (and the prompt's last token) to the next one.
 For the transition ``cur → nxt`` (one intermediate unit i each):
 
     gate_proj[i] = up_proj[i] = g · ê(cur),   down_proj[:, i] = d_i · ŵ(nxt)
 
-(ê = the unit input embedding, ŵ = the unit LM-head row). At a position holding ``cur`` the normalised residual still
-points mostly along ê(cur), so unit i fires (``silu(a)·a`` for a large ``a``) and writes ê(nxt)
-into the last hidden state along the LM head's row for ``nxt``: the greedy token is then ``nxt``.
-``d_i`` is set so the planted vector is ``ratio`` × the residual's norm — large enough to win the
-argmax, small enough that the anchor states still depend on the image. Everything else keeps its
+(ê = the unit input embedding, ŵ = the unit LM-head row). In the first layer the residual at a
+position holding ``cur`` is still mostly its embedding, so only unit i fires (``silu(a)·a`` for a
+large ``a``) and writes ŵ(nxt) into the residual stream. The random layers after it add
+contributions whose size does not grow with the residual (pre-norm blocks), so with ``d_i`` set to
+``ratio`` × the norm of the unplanted last-layer residual the final hidden state points along
+ŵ(nxt) and the greedy token is ``nxt``. The smallest ratio that works is kept, so the anchor states
+still carry image-dependent parts. Everything else keeps its
 random weights; the result is checked (:func:`plant_answer` returns whether greedy decoding
 follows the answer on a probe prompt) and recorded in the checkpoint's metadata. Weights of a
 trained checkpoint are never touched.
@@ -40,8 +42,9 @@ def answer_chain(model: AGVAS, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def _probe(model: AGVAS, tokenizer, chain: list[int], n_visual: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Run prompt + answer once; return (residual into the last layer, MLP input of the last layer,
+def _probe(model: AGVAS, tokenizer, chain: list[int], n_visual: int, layer: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Run prompt + answer once; return (residual into the last layer, MLP input of ``layer``,
     final hidden states, index of the prompt's last position)."""
     ids = prompt_ids(tokenizer, model, canonical_instruction("direct"), n_visual) + chain[1:-1]
     n_prompt = len(ids) - (len(chain) - 2)
@@ -49,7 +52,7 @@ def _probe(model: AGVAS, tokenizer, chain: list[int], n_visual: int) -> tuple[to
     visual = torch.randn(1, n_visual, model.cfg.hidden_size, generator=g) * model.embed_tokens.weight.std()
     emb = model.embed_prompt(torch.tensor([ids]), visual.to(model.embed_tokens.weight.dtype))
     seen: dict[str, torch.Tensor] = {}
-    mlp = model.language_model.layers[-1].mlp
+    mlp = model.language_model.layers[layer].mlp
     h = mlp.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0]))
     try:
         out = model.language_model(inputs_embeds=emb, output_hidden_states=True)
@@ -59,12 +62,12 @@ def _probe(model: AGVAS, tokenizer, chain: list[int], n_visual: int) -> tuple[to
 
 
 @torch.no_grad()
-def plant_answer(model: AGVAS, tokenizer, ratios: tuple[float, ...] = (3.0, 6.0, 12.0, 24.0), gain: float = 1.0,
-                 n_visual: int = 16) -> dict:
+def plant_answer(model: AGVAS, tokenizer, ratios: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
+                 gain: float = 1.0, n_visual: int = 16, layer: int = 0) -> dict:
     """Plant the canonical answer in ``model`` (in place), trying the smallest ``ratio`` that makes
     greedy decoding follow it on a probe prompt. Returns ``{"ok", "chain", "greedy", "ratio", ...}``."""
     chain = answer_chain(model, tokenizer)
-    mlp = model.language_model.layers[-1].mlp
+    mlp = model.language_model.layers[layer].mlp
     dtype = mlp.down_proj.weight.dtype
     read = F.normalize(model.embed_tokens.weight.float(), dim=-1)  # what the residual carries
     write = F.normalize(model.lm_head.weight.float(), dim=-1)  # what the LM head reads
@@ -73,7 +76,7 @@ def plant_answer(model: AGVAS, tokenizer, ratios: tuple[float, ...] = (3.0, 6.0,
         mlp.gate_proj.weight[i] = (gain * read[cur]).to(dtype)
         mlp.up_proj.weight[i] = (gain * read[cur]).to(dtype)
         mlp.down_proj.weight[:, i] = 0
-    resid, x, _, last = _probe(model, tokenizer, chain, n_visual)
+    resid, x, _, last = _probe(model, tokenizer, chain, n_visual, layer)
     acts = []
     for i, _ in enumerate(pairs):
         xi = x[last + i].float()
@@ -84,9 +87,9 @@ def plant_answer(model: AGVAS, tokenizer, ratios: tuple[float, ...] = (3.0, 6.0,
         for i, (_, nxt) in enumerate(pairs):
             scale = ratio * float(resid[last + i].float().norm()) / max(abs(acts[i]), 1e-6)
             mlp.down_proj.weight[:, i] = (scale * write[nxt]).to(dtype)
-        _, _, hidden, _ = _probe(model, tokenizer, chain, n_visual)
+        _, _, hidden, _ = _probe(model, tokenizer, chain, n_visual, layer)
         greedy = model.lm_head(hidden[last:last + len(pairs)]).argmax(-1).tolist()
         if greedy == chain[1:]:
             break
     return {"ok": greedy == chain[1:], "chain": chain, "greedy": greedy, "ratio": ratio,
-            "layer": len(model.language_model.layers) - 1, "units": list(range(len(pairs)))}
+            "layer": layer, "units": list(range(len(pairs)))}

@@ -51,6 +51,12 @@ def _stage(r: dict, st: str) -> str:
     return "—" if not s else f"{s['p50_ms']:,.1f}"
 
 
+def _acc(a: dict | None) -> str:
+    if not a or a.get("error"):
+        return "—"
+    return " / ".join(_f(a.get(k), "{:.3f}") for k in ("iou_ano", "iou_nor", "pixel_ap"))
+
+
 def markdown(record: dict[str, Any]) -> str:
     m = record["machine"]
     pk = m["peak_gflops"]
@@ -62,12 +68,12 @@ def markdown(record: dict[str, Any]) -> str:
         f"{record['setup']['images']['size'][0]}², {record['setup']['warmup']} warm-up + {record['setup']['iters']} "
         "rounds, interleaved per group. Stage columns are p50 ms.", "",
         "| run | prec | fast | batch | tokens | prompt | pre | vision | SAM | SPAM | prefill | decode | ms/tok | AGMD | post "
-        "| TTFT | e2e p50 | e2e p90 | img/s | RSS MB | IoU mean/min | verdict |",
-        "|---|---|---|---|---|---|" + "---|" * 16,
+        "| TTFT | e2e p50 | e2e p90 | img/s | RSS MB | IoU mean/min | verdict | IoU_ano / IoU_nor / AP |",
+        "|---|---|---|---|---|---|" + "---|" * 17,
     ]
     for r in record["runs"]:
         if r.get("error") and not r.get("stages"):
-            lines.append(f"| {r['name']} | {r.get('precision', '')} | failed: {r['error']} |" + " |" * 19)
+            lines.append(f"| {r['name']} | {r.get('precision', '')} | failed: {r['error']} |" + " |" * 20)
             continue
         iou = r.get("mask_iou_vs_reference")
         iou_s = "—" if not iou else f"{iou['mean']:.3f}/{iou['min']:.3f}"
@@ -77,7 +83,8 @@ def markdown(record: dict[str, Any]) -> str:
             f"{_f((r.get('decode_ms_per_token') or {}).get('p50'))} | {_stage(r, 'agmd')} | {_stage(r, 'postprocess')} | "
             f"{_f((r.get('ttft_ms') or {}).get('p50'))} | {_f((r.get('e2e_ms') or {}).get('p50'))} | "
             f"{_f((r.get('e2e_ms') or {}).get('p90'))} | {_f(r.get('images_per_s'), '{:.3f}')} | "
-            f"{_f(r.get('peak_rss_mb'), '{:,.0f}')} | {iou_s} | {_f(r.get('verdict_agreement'), '{:.2f}')} |"
+            f"{_f(r.get('peak_rss_mb'), '{:,.0f}')} | {iou_s} | {_f(r.get('verdict_agreement'), '{:.2f}')} | "
+            f"{_acc(r.get('accuracy'))} |"
             + (f" ⚠ {r['error']}" if r.get("error") else ""))
     sp = record["speedup"]
     lines += ["", f"Best accuracy-gated back-end: `{record.get('best') or 'none (no runtime back-end ran)'}`.", "",

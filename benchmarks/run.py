@@ -86,13 +86,16 @@ class WorkerResult:
     spec: WorkerSpec
     load_s: float | None = None
     error: str | None = None
+    engine_precisions: dict[str, str] | None = None
     variants: dict[str, VariantResult] = field(default_factory=dict)
 
 
 def run_group(specs: list[WorkerSpec], *, warmup: int, iters: int, outputs_dir: Path, log: Path,
               threads: int = 2, llm_prompt: Callable[[], tuple[int, int]] | None = None,
+              on_reply: Callable[[WorkerSpec, str, dict], None] | None = None,
               progress: Callable[[str], None] | None = None) -> list[WorkerResult]:
-    """Start every worker of the group, run ``warmup + iters`` interleaved rounds, stop them."""
+    """Start every worker of the group, run ``warmup + iters`` interleaved rounds, stop them.
+    ``llm_prompt()`` gives the peers' (prompt tokens, new tokens); ``on_reply`` sees every reply."""
     outputs_dir.mkdir(parents=True, exist_ok=True)
     workers: list[tuple[WorkerResult, Worker | None]] = []
     try:
@@ -107,6 +110,7 @@ def run_group(specs: list[WorkerSpec], *, warmup: int, iters: int, outputs_dir: 
                 w = None
             else:
                 res.load_s = w.setup["load_s"]
+                res.engine_precisions = w.setup.get("engine_precisions")
             workers.append((res, w))
         for r in range(warmup + iters):
             for res, w in workers:
@@ -125,6 +129,8 @@ def run_group(specs: list[WorkerSpec], *, warmup: int, iters: int, outputs_dir: 
                     if not reply.get("ok"):
                         vr.error = reply.get("error", "failed")
                         continue
+                    if on_reply:
+                        on_reply(res.spec, key, reply)
                     if r == 0:  # peaks after each variant's first run (batch-1 variants run first)
                         vr.peak_rss_mb = reply["peak_rss_mb"]
                     if r >= warmup:
@@ -190,6 +196,7 @@ def summarize_variant(res: WorkerResult, key: str, vr: VariantResult, config: st
         "prompt_tokens": s[0].get("prompt_tokens") if s else None,
         "generated_tokens": s[0].get("tokens") if s else None,
         "samples": len(s), "peak_rss_mb": vr.peak_rss_mb, "load_s": res.load_s,
+        "engine_precisions": res.engine_precisions,
         "mask_iou_vs_reference": None, "verdict_agreement": None, "error": vr.error or res.error,
     }
 
@@ -201,6 +208,7 @@ class BenchOptions:
     config: str
     json_path: Path | None = None
     checkpoint: Path | None = None
+    data: Path | None = None  # a meta.json whose test split gives the images (and accuracy metrics)
     cache: Path = Path(".cache/bench")
     results_dir: Path = Path("benchmarks/results")
     images: int | None = None  # images per round (batch-1 variants)
@@ -213,6 +221,7 @@ class BenchOptions:
     autocast: bool | None = None  # eager bf16 autocast too (default: tiny only)
     base_tokens: bool = True  # a `--vision-tokens base` variant of the best back-end
     genai: bool = True
+    quantized: tuple[str, ...] = ("int8", "int4")  # LLM precisions of the quantized runtime exports
     only: tuple[str, ...] = ()  # restrict to these worker names
     command: str = ""
 
@@ -227,7 +236,10 @@ class BenchOptions:
         return self
 
 
-PEAK_KEY = {"fp32": "fp32", "bf16": "bf16", "bf16-autocast": "bf16", "int8": "int8", "int4": "fp32"}
+# precision -> the machine peak it is compared with. fp16 ONNX graphs run in fp32 on this CPU;
+# MatMulNBits int4 computes in int8 (accuracy level 4, the quantizer's CPU default).
+PEAK_KEY = {"fp32": "fp32", "fp16": "fp32", "bf16": "bf16", "bf16-autocast": "bf16", "int8": "int8", "int4": "int8"}
+STAGE_ENGINE = {"vision": "vision", "sam_encoder": "sam_encoder", "prefill": "llm"}
 
 
 def _runtime_specs(opts: BenchOptions, ckpt: Path, cfg_dir: Path, log: Path, images: list[str],
@@ -256,7 +268,48 @@ def _runtime_specs(opts: BenchOptions, ckpt: Path, cfg_dir: Path, log: Path, ima
     nb = f"fast-b{opts.batch}-anyres"
     specs.append(WorkerSpec("runtime-fp32", "runtime", "runtime-ort", "fp32", {"export_dir": str(exp)},
                             ["fast-b1-anyres", "loop-b1-anyres", nb], images))
+    why = prepare.verb_available("calibrate") or prepare.verb_available("quantize")
+    if why:
+        skipped["runtime-quantized"] = why
+        return specs
+    for llm in opts.quantized:
+        try:
+            q = prepare.quantized_export(exp, cfg_dir, images, llm, "int8", log, n_calib=max(1, len(images) - 1),
+                                         held_out=min(1, len(images) - 1))
+        except RuntimeError as e:
+            skipped[f"runtime-llm{llm}"] = str(e)
+            continue
+        specs.append(WorkerSpec(f"runtime-llm{llm}-vis8", "runtime", "runtime-ort", llm, {"export_dir": str(q)},
+                                ["fast-b1-anyres", "loop-b1-anyres", nb], images))
     return specs
+
+
+def heldout_records(meta: Path, n: int) -> list:
+    """``n`` records of the meta file's test split, spread evenly over it (normal and anomalous)."""
+    from agvas_train.data.meta import read_meta
+
+    recs = read_meta(meta, "test")
+    if not recs:
+        raise ValueError(f"--data {meta}: the test split is empty")
+    step = max(1, len(recs) // n)
+    return recs[::step][:n]
+
+
+def accuracy(outputs: Path, meta: Path, images: list[str]) -> dict[str, Any]:
+    """IoU_ano, IoU_nor, pixel AP, ... (agvas_train.metrics, mean over categories) of one run's
+    saved outputs against the ground truth of the images it inspected."""
+    from agvas_train.data.meta import load_mask, read_meta
+    from agvas_train.metrics import CategoryStats, summarize
+
+    by_path = {str(r.image): r for r in read_meta(meta, "test")}
+    cats: dict[str, CategoryStats] = {}
+    for path, o in zip(images, load_outputs(outputs)):
+        rec = by_path[path]
+        if o.prob is None:
+            continue
+        gt = load_mask(rec, o.mask.shape)
+        cats.setdefault(rec.category, CategoryStats()).add(o.prob, o.mask, o.verdict, gt, rec.anomaly)
+    return summarize({c: st.compute() for c, st in cats.items()})["mean"] | {"images": sum(len(st.labels) for st in cats.values())}
 
 
 def plan(opts: BenchOptions, progress: Callable[[str], None]) -> tuple[list[list[WorkerSpec]], dict[str, Any]]:
@@ -276,10 +329,23 @@ def plan(opts: BenchOptions, progress: Callable[[str], None]) -> tuple[list[list
         info["weights"] = planted["weights"]
         info["planted"] = {k: planted[k] for k in ("ok", "ratio", "layer")}
     info["checkpoint"] = str(ckpt)
-    size = opts.image_size or prepare.DEFAULT_IMAGE_SIZE.get(opts.config, 384)
     n_img = max(opts.images, opts.batch)
-    images = prepare.synthetic_images(cfg_dir / "images", n_img, size)
-    info["images"] = {"count": n_img, "size": [size, size], "source": "synthetic (seeded)"}
+    data = opts.data
+    if data is None and opts.checkpoint and (Path(opts.checkpoint).parent / "data" / "meta.json").is_file():
+        data = Path(opts.checkpoint).parent / "data" / "meta.json"  # `agvas demo` writes data/ beside checkpoint/
+    if data is not None:
+        from PIL import Image
+
+        records = heldout_records(data, n_img)
+        images = [str(r.image) for r in records]
+        with Image.open(images[0]) as im:
+            size = im.height
+        info["images"] = {"count": len(images), "size": [size, size], "source": f"{data} (test split)",
+                          "meta": str(data)}
+    else:
+        size = opts.image_size or prepare.DEFAULT_IMAGE_SIZE.get(opts.config, 384)
+        images = prepare.synthetic_images(cfg_dir / "images", n_img, size)
+        info["images"] = {"count": n_img, "size": [size, size], "source": "synthetic (seeded)"}
     one = images[: opts.images]
 
     vt_ref = ["loop-b1-anyres"] + (["loop-b1-base"] if opts.base_tokens else [])
@@ -305,9 +371,12 @@ def plan(opts: BenchOptions, progress: Callable[[str], None]) -> tuple[list[list
             info["skipped"]["onnxruntime-genai"] = f"peer skipped: {e}"
         except RuntimeError as e:
             info["skipped"]["onnxruntime-genai"] = f"peer skipped: {e}"
-    if opts.base_tokens and runtime:
-        runtime[0].variants.append("fast-b1-base")
-    groups = [eager + runtime[:1], runtime[1:] + peers] if opts.config != "tiny" else [eager + runtime + peers]
+    # the a-priori best runtime (int8 LLM + int8 vision where it helps) runs beside the eager baselines
+    lead = next((s for s in runtime if s.precision == "int8"), runtime[0] if runtime else None)
+    if lead and opts.base_tokens:
+        lead.variants.append("fast-b1-base")
+    rest = [s for s in runtime if s is not lead]
+    groups = ([eager + ([lead] if lead else []), rest + peers] if opts.config != "tiny" else [eager + runtime + peers])
     groups = [[s for s in g if not opts.only or s.name in opts.only] for g in groups]
     return [g for g in groups if g], info
 
@@ -333,16 +402,15 @@ def bench(opts: BenchOptions, progress: Callable[[str], None] = lambda s: None) 
     def llm_prompt() -> tuple[int, int]:
         return prompt_len.get("tokens", 512), prompt_len.get("new", 10)
 
+    def on_reply(spec: WorkerSpec, key: str, reply: dict) -> None:
+        if spec.name == "eager-fp32" and key == "loop-b1-anyres" and reply["samples"]:
+            prompt_len["tokens"] = reply["samples"][0]["prompt_tokens"]
+            prompt_len["new"] = reply["samples"][0]["tokens"]
+
     for gi, group in enumerate(groups):
-        done = run_group(group, warmup=opts.warmup, iters=opts.iters, outputs_dir=outputs_dir,
-                         log=Path(info["log"]), threads=opts.threads, llm_prompt=llm_prompt,
-                         progress=lambda s, gi=gi: progress(f"group {gi + 1}/{len(groups)}: {s}"))
-        results += done
-        for r in done:  # the peers use the reference's prompt length and answer length
-            vr = r.variants.get("loop-b1-anyres")
-            if r.spec.name == "eager-fp32" and vr and vr.samples:
-                prompt_len["tokens"] = vr.samples[0]["prompt_tokens"]
-                prompt_len["new"] = vr.samples[0]["tokens"]
+        results += run_group(group, warmup=opts.warmup, iters=opts.iters, outputs_dir=outputs_dir,
+                             log=Path(info["log"]), threads=opts.threads, llm_prompt=llm_prompt, on_reply=on_reply,
+                             progress=lambda s, gi=gi: progress(f"group {gi + 1}/{len(groups)}: {s}"))
     runs = []
     for r in results:
         if r.error and not r.variants:
@@ -359,6 +427,12 @@ def bench(opts: BenchOptions, progress: Callable[[str], None] = lambda s: None) 
                 rec["mask_iou_vs_reference"] = ag["mask_iou"]
                 rec["verdict_agreement"] = ag["verdict_agreement"]
                 rec["agreement"] = ag
+            meta = info["images"].get("meta")
+            if meta and r.spec.kind != "genai" and cand.exists():
+                try:
+                    rec["accuracy"] = accuracy(cand, Path(meta), r.spec.images)
+                except (ImportError, ValueError, KeyError) as e:
+                    rec["accuracy"] = {"error": f"{type(e).__name__}: {e}"}
             runs.append(rec)
     cfg = get_config(opts.config)
     efficiency(runs, cfg, machine)
@@ -421,8 +495,7 @@ def efficiency(runs: list[dict], cfg, machine: dict) -> None:
             continue
         size = tuple(r.get("image_size") or (0, 0))
         key = (r["vision_tokens"], size)
-        peak = machine["peak_gflops"].get(PEAK_KEY.get(r["precision"], "fp32"))
-        eff: dict[str, Any] = {"peak_gflops": peak, "peak_key": PEAK_KEY.get(r["precision"], "fp32")}
+        eff: dict[str, Any] = {}
         if r["backend"] != "onnxruntime-genai" and size[0]:
             if key not in cache:
                 cache[key] = token_counts(meta_model, tok, size, r["vision_tokens"])
@@ -433,11 +506,14 @@ def efficiency(runs: list[dict], cfg, machine: dict) -> None:
             flops = {}
         if r.get("prompt_tokens"):  # the prompt actually prefilled (the fast path adds the answer)
             flops["prefill"] = llm_flops(cfg, r["prompt_tokens"])["total"] + lm_head_flops(cfg, 1, meta_model.ids.vocab_size)
+        engines = r.get("engine_precisions") or {}
         for st, fl in flops.items():
             ms = _p50(r, "stages", st, "p50_ms")
             if ms:
+                pk = PEAK_KEY.get(engines.get(STAGE_ENGINE[st], r["precision"]), "fp32")
                 g = fl / (ms / 1e3) / 1e9
-                eff[st] = {"gflop": fl / 1e9, "achieved_gflops": g, "fraction_of_peak": g / peak if peak else None}
+                peak = machine["peak_gflops"][pk]
+                eff[st] = {"gflop": fl / 1e9, "achieved_gflops": g, "peak_key": pk, "fraction_of_peak": g / peak}
         tok_ms = _p50(r, "decode_ms_per_token", "p50")
         prec = {"bf16": "fp16", "bf16-autocast": "fp32"}.get(r["precision"], r["precision"])
         if tok_ms and prec in ("fp32", "fp16", "int8", "int4"):
@@ -473,9 +549,7 @@ def speedups(runs: list[dict]) -> tuple[dict[str, Any], float | None, str | None
         sp["llm_fast_path"] = _ratio(_llm_ms(loop), _llm_ms(best))
         sp["batch_throughput"] = _ratio(_p50(batch, "images_per_s"), best.get("images_per_s"))
         sp["prefill_fraction_of_peak"] = _p50(best, "efficiency", "prefill", "fraction_of_peak")
-        rss = _ratio(best.get("peak_rss_mb"), _p50(fp32, "peak_rss_mb"))
-        if rss:
-            rss = 1.0 / rss  # a fraction, not a speed-up: best / eager fp32
+        rss = _ratio(best.get("peak_rss_mb"), _p50(fp32, "peak_rss_mb"))  # a fraction: best / eager fp32
     vs = {}
     for prec in ("fp32", "int4"):
         peer = _find(runs, f"ortgenai-{prec}", "llm")

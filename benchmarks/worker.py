@@ -70,7 +70,8 @@ def serve(stdin, stdout) -> int:
                 spec = msg["spec"]
                 t0 = time.perf_counter()
                 backend = load_backend(spec)
-                reply = {"ok": True, "load_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+                reply = {"ok": True, "load_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
+                         "engine_precisions": getattr(backend, "engine_precisions", None)}
             elif cmd == "round":
                 from .backends import Variant
 

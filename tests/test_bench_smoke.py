@@ -15,7 +15,7 @@ import pytest
 def test_agvas_bench_tiny_smoke(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "agvas.cli", "bench", "--config", "tiny", "--quick", "--images", "2", "--batch", "2",
-           "--warmup", "0", "--iters", "1", "--no-genai", "--no-autocast", "--cache", str(tmp_path / "cache"),
+           "--warmup", "0", "--iters", "1", "--no-genai", "--no-autocast", "--quantized", "int8", "--cache", str(tmp_path / "cache"),
            "--results", str(tmp_path / "results"), "--json", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -41,3 +41,7 @@ def test_agvas_bench_tiny_smoke(tmp_path):
         assert fast["agreement"]["text_agreement"] == loop["agreement"]["text_agreement"]
         assert runs["runtime-fp32/fast-b2-anyres"]["batch"] == 2
         assert rec["speedup"]["llm_fast_path"] is not None
+        if "runtime-llmint8" not in rec["setup"]["skipped"]:
+            q = runs["runtime-llmint8-vis8/fast-b1-anyres"]
+            assert q["engine_precisions"]["llm"] == "int8" and q["mask_iou_vs_reference"] is not None
+            assert q["efficiency"]["prefill"]["peak_key"] == "int8"
