@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the result JSON here")
     p.add_argument("--mode", default="direct", help="inference mode (direct, describe, describe_plus, explain)")
     p.add_argument("--normal-sentence", help="describe_plus: a sentence on the object's normal appearance")
-    p.add_argument("--vision-tokens", default="anyres", choices=["anyres", "base"], help="semantic token packing")
+    p.add_argument("--vision-tokens", choices=["anyres", "base"],
+                   help="semantic token packing (default: anyres; an export's manifest default)")
     p.add_argument("--provider", default="cpu", help="runtime provider for --engines (cpu, cuda, tensorrt)")
     p.add_argument("--resize", type=int, default=256, help="AP/F1 protocol: resize maps to N×N (0 = native size)")
     p.add_argument("--sigma", type=float, default=4.0, help="AP/F1 protocol: Gaussian smoothing σ (0 = off)")
@@ -41,12 +42,14 @@ def run(args) -> int:
         set_threads(args.threads)
         if not Path(args.checkpoint).is_dir():
             raise CLIError(f"--checkpoint {args.checkpoint}: not a directory")
-        predictor = checkpoint_predictor(args.checkpoint, args.mode, args.vision_tokens, args.normal_sentence)
+        predictor = checkpoint_predictor(args.checkpoint, args.mode, args.vision_tokens or "anyres",
+                                         args.normal_sentence)
         source = args.checkpoint
     elif args.engines:
         if not Path(args.engines).is_dir():
             raise CLIError(f"--engines {args.engines}: not a directory")
-        predictor = engines_predictor(args.engines, args.provider, args.mode)
+        predictor = engines_predictor(args.engines, args.provider, args.mode, normal_sentence=args.normal_sentence,
+                                      vision_tokens=args.vision_tokens)
         source = args.engines
     else:
         predictor, source = EmptyPredictor(), "empty-mask baseline"

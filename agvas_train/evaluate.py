@@ -59,13 +59,14 @@ def checkpoint_predictor(checkpoint: str | Path, mode: str = "direct", vision_to
     return predict
 
 
-def engines_predictor(export_dir: str | Path, provider: str = "cpu", mode: str = "direct") -> Callable:
-    """The runtime over an export directory (``runtime.Inspector``), imported lazily."""
+def engines_predictor(export_dir: str | Path, provider: str = "cpu", mode: str = "direct", **kw) -> Callable:
+    """The runtime over an export directory (``runtime.Inspector(export_dir, provider=, mode=,
+    **kw)``), imported lazily."""
     try:
         from runtime import Inspector
     except ImportError as e:
         raise ValueError(f"--engines {export_dir}: the runtime (runtime.Inspector) is not available: {e}") from None
-    return as_predictor(Inspector(export_dir, provider=provider, mode=mode))
+    return as_predictor(Inspector(export_dir, provider=provider, mode=mode, **kw))
 
 
 def evaluate(predictor: Any, records: list[Record], protocol: Protocol | None = None,

@@ -19,10 +19,14 @@ DICE_SMOOTH = 1.0
 IGNORE = -100
 
 
-def text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token CE: ``logits [B,T,V]`` at position t predict ``labels [B,T]`` at t+1
-    (labels are the input ids with ``IGNORE`` outside the answer)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+def text_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+    """Next-token CE over the answer: the hidden state at position t predicts ``labels`` at t+1
+    (labels are the input ids with ``IGNORE`` outside the answer). The LM head runs only at
+    those positions (a 152k-word head over ~7k visual positions would not fit)."""
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logits = lm_head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), target[keep])
 
 
 def bce_per_mask(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

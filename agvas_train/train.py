@@ -68,7 +68,7 @@ def forward_loss(model, batch: Batch, autocast: str | None = None) -> tuple[torc
         visual = model.visual_tokens(f_s, pix)
         ids, att, labels = (t.to(dev) for t in expand_visual(batch, visual.shape[1], model.ids.image))
         hidden = model.language_model(inputs_embeds=model.embed_prompt(ids, visual), attention_mask=att).last_hidden_state
-        loss_text = text_loss(model.lm_head(hidden), labels)
+        loss_text = text_loss(hidden, labels, model.lm_head)
         parts = {"text": float(loss_text.detach())}
         rows = batch.supervise.any(dim=1).to(dev)
         loss = loss_text
@@ -251,7 +251,10 @@ def quick_train_tiny(out_dir: str | Path | None = None, steps: int = 300, seed: 
     from .data.sources import AnomalySource
     from .data.synthetic import SyntheticSpec, write_dataset
 
+    threads = torch.get_num_threads()
     with contextlib.ExitStack() as stack:
+        stack.callback(torch.set_num_threads, threads)
+        set_threads()  # 1 thread on a busy machine (see set_threads), restored afterwards
         work = Path(out_dir) if out_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="agvas_quick_")))
         meta = write_dataset(work / "data", SyntheticSpec(seed=seed, **QUICK_SPEC))
         mixture = Mixture({"seg": (AnomalySource.from_meta(meta, "train", {"direct": 1.0}), 1.0)}, seed=seed)

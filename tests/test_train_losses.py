@@ -48,14 +48,20 @@ def test_segmentation_loss_channels_and_complement():
 
 def test_text_loss_by_hand():
     v = 5
+    head = torch.nn.Identity()  # hidden states = logits
     labels = torch.tensor([[IGNORE, IGNORE, 3, 1]])  # the answer is tokens 3, 1
     logits = torch.zeros(1, 4, v)  # uniform -> ln V per answer token
-    assert float(text_loss(logits, labels)) == pytest.approx(math.log(v))
+    assert float(text_loss(logits, labels, head)) == pytest.approx(math.log(v))
     logits[0, 1, 3] = 30.0  # position 1 predicts token 3 (position 2)
     logits[0, 2, 1] = 30.0
-    assert float(text_loss(logits, labels)) < 1e-6
+    assert float(text_loss(logits, labels, head)) < 1e-6
     logits[0, 0, 0] = -30.0  # the prompt positions do not count
-    assert float(text_loss(logits, labels)) < 1e-6
+    logits[0, 3, 0] = -30.0  # nor does the last position
+    assert float(text_loss(logits, labels, head)) < 1e-6
+    # only the answer positions go through the head
+    seen = []
+    text_loss(logits, labels, lambda h: seen.append(h.shape) or h)
+    assert seen == [torch.Size([2, v])]
 
 
 def test_mask_logits_to_input_frame():
