@@ -39,9 +39,13 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     with tqdm(total=STEPS, desc="export", unit="step") as bar:
-        def progress(msg: str) -> None:
+        started: list[str] = []
+
+        def progress(msg: str) -> None:  # called when a step starts: the previous one is done
+            if started:
+                bar.update(1)
+            started.append(msg)
             bar.set_postfix_str(msg)
-            bar.update(1)
 
         path = export_checkpoint(args.checkpoint, args.out, precision=args.precision, opset=args.opset,
                                  vision_tokens=args.vision_tokens, target=args.target, max_batch=args.max_batch,

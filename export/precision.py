@@ -22,6 +22,8 @@ def convert_fp16(path: str | os.PathLike, *, external: bool) -> Path:
     path = Path(path)
     model = onnx.load(str(path), load_external_data=True)
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS))
+    model = _toposorted(_dedupe_casts(model))
+    del model.graph.value_info[:]  # stale intermediate types; shape inference recomputes them
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     if external:
@@ -30,3 +32,28 @@ def convert_fp16(path: str | os.PathLike, *, external: bool) -> Path:
     else:
         onnx.save_model(model, str(path))
     return path
+
+
+def _dedupe_casts(model):
+    """The converter emits one Cast per use of an initializer that feeds several fp32-kept nodes
+    (the exporter deduplicates equal initializers, e.g. every LayerNorm weight of ones), all with
+    the same output name; keep the first of such identical nodes."""
+    seen, keep = set(), []
+    for n in model.graph.node:
+        key = tuple(n.output)
+        if n.op_type == "Cast" and key in seen:
+            continue
+        seen.add(key)
+        keep.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
+def _toposorted(model):
+    """Topological order (the converter appends its graph-input casts at the end)."""
+    import onnx_ir as ir
+
+    m = ir.from_proto(model)
+    m.graph.sort()
+    return ir.to_proto(m)

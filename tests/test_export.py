@@ -193,19 +193,22 @@ def test_ov_profiles_match_hf_token_counts():
     assert lo == 730 and opt == 7371 and hi >= 7371
 
 
-def test_external_data_above_threshold(anchor_model, tmp_path):
+def test_external_data_above_threshold(tiny_export, tmp_path):
     from export.graphs import check_graph
     from export.manifest import onnx_entry
     from export.vision import export_graph
 
-    model = anchor_model[0]
+    _, m, model, _, _ = tiny_export
+    # below the default threshold the tiny graphs are single files
+    assert m.engine("agmd")["external_data"] == [] and not (m.root / "agmd.onnx.data").exists()
     path, external = export_graph(model, "agmd", tmp_path, opset=18, external_threshold=1 << 10)
     assert external and (tmp_path / "agmd.onnx.data").stat().st_size > (tmp_path / "agmd.onnx").stat().st_size
     check_graph(path)
     e = onnx_entry(tmp_path, "agmd.onnx", "fp32")
     assert [x["file"] for x in e["external_data"]] == ["agmd.onnx.data"]
-    path, external = export_graph(model, "agmd", tmp_path / "small", opset=18)
-    assert not external and not (tmp_path / "small" / "agmd.onnx.data").exists()
+    a, p = torch.randn(2, 3, model.cfg.hidden_size), torch.randn(2, model.cfg.pixel_dim, 16, 16)
+    out = _session(path).run(["prob"], {"anchor_states": a.numpy(), "pixel_embedding": p.numpy()})[0]
+    assert _max_diff(out, model.maps(a, p)[0]) <= TOL
 
 
 def test_cli_errors(tmp_path, capsys):
@@ -325,3 +328,35 @@ def test_export_module_runs_as_console_script(tiny_export):
     assert r.returncode == 0 and "--vision-tokens" in r.stdout and "--target" in r.stdout
     _, m, _, _, _ = tiny_export
     assert json.loads((m.root / "manifest.json").read_text())["format_version"] == 1
+
+
+@pytest.mark.slow
+def test_fp16_export(tiny_export, tmp_path):
+    """--precision fp16: fp16 weights with float32 IO for the torch-exported graphs (norms and
+    softmax kept fp32), the builder's fp16 llm (CUDA graph; its fp16 IO dtypes in the manifest).
+    ORT CPU runs them, so closeness is checked here too (fp16 tolerance)."""
+    from export.exporter import export_checkpoint
+
+    ckpt, _, model, _, _ = tiny_export
+    export_checkpoint(ckpt, tmp_path / "fp16", precision="fp16")
+    m = load_manifest(tmp_path / "fp16", check_io=True)
+    assert {e["precision"] for n, e in m.engines.items() if n != "image_newline"} == {"fp16"}
+    assert m.engine("vision")["inputs"][0]["dtype"] == "float32"
+    llm_in = {x["name"]: x["dtype"] for x in m.engine("llm")["inputs"]}
+    assert llm_in["inputs_embeds"] == "float16" and m.engine("embed_tokens")["dtype"] == "float16"
+    weights = onnx.load(str(m.engine_path("sam_encoder"))).graph.initializer
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in weights) > len(weights) // 2
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, model.cfg.pixel_encoder.img_size, model.cfg.pixel_encoder.img_size, generator=g)
+    pix = _session(m.engine_path("sam_encoder")).run(None, {"sam_input": x.numpy()})[0]
+    ref = model.pixel_embedding(x).detach().numpy()
+    assert np.abs(pix - ref).max() <= 2e-2 * max(1.0, np.abs(ref).max())
+    h = torch.randn(1, 9, model.cfg.hidden_size, generator=g)
+    llm = m.llm
+    empty = [(np.zeros((1, llm["num_kv_heads"], 0, llm["head_dim"]), np.float16),) * 2] * llm["num_layers"]
+    out = dict(zip(m.output_names("llm"),
+                   _session(m.engine_path("llm")).run(None, _llm_feed(m, h.numpy().astype(np.float16), empty, 9))))
+    want = model.language_model(inputs_embeds=h).last_hidden_state.detach().numpy()
+    got = out["hidden_states"].astype(np.float32)
+    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cos.min() >= 0.999, cos.min()
