@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", help="checkpoint directory (PyTorch reference inference)")
     src.add_argument("--engines", help="export directory (runtime over the ONNX engines)")
     src.add_argument("--baseline", choices=["empty"], help="the empty-mask baseline (P = 0 everywhere)")
-    p.add_argument("--data", required=True, help="meta.json (AnomalyCLIP or Bayes-PFL form)")
+    p.add_argument("--data", required=True, help="meta.json (AnomalyCLIP or Bayes-PFL form) or an MVTec-layout folder")
     p.add_argument("--split", default="test", choices=["test", "train", "all"], help="split to evaluate (default test)")
     p.add_argument("--category", action="append", help="only these categories (repeatable)")
     p.add_argument("--limit", type=int, help="at most N images per category (evenly spaced)")

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llava", help="local Hugging Face LLaVA-OneVision directory (real weights)")
     p.add_argument("--sam", help="official SAM checkpoint sam_vit_{b,l,h}_*.pth (real weights)")
     d = p.add_argument_group("data (at least one source)")
-    d.add_argument("--data", action="append", default=[], help="anomaly meta.json (repeatable): Anomaly-Seg and "
+    d.add_argument("--data", action="append", default=[], help="anomaly meta.json or MVTec-layout folder (repeatable): Anomaly-Seg and "
                    "Anomaly-Instruct samples from its --split")
     d.add_argument("--split", default="train", choices=["train", "test", "all"],
                    help="split of --data to train on (default train; auxiliary sets like VisA: test)")

@@ -151,8 +151,10 @@ def _write_dataset(root, prefix=""):
 
 def test_anomalyclip_form(tmp_path):
     _write_dataset(tmp_path)
+    scanned = read_meta(tmp_path, "test")  # a folder without meta.json: its MVTec layout
     meta = write_meta(tmp_path)
     recs = read_meta(meta, "test")
+    assert recs == scanned == read_meta(tmp_path, "test")
     assert [(r.specie, r.anomaly) for r in recs] == [("good", False), ("hole", True)]
     m = load_mask(recs[1], (10, 20))
     assert m.sum() == 18 and m[2:5, 3:9].all()

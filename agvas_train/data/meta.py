@@ -49,18 +49,25 @@ def _bayes_pfl_form(path: Path, data: dict) -> bool:
 
 def read_meta(path: str | Path, split: str = "test", categories: list[str] | None = None,
               root: str | Path | None = None, require_masks: bool = True) -> list[Record]:
-    """Records of ``split`` (``train``, ``test`` or ``all``) in file order.
+    """Records of ``split`` (``train``, ``test`` or ``all``) in file order. ``path`` is a meta
+    file, or a dataset folder (its ``meta.json``, else its MVTec layout scanned in memory).
 
     ``root`` overrides the dataset root (default: the meta file's folder; for the Bayes-PFL form
     paths that do not resolve there are tried from its parent). ``require_masks``: an anomalous
     record without ``mask_path`` is an error (pixel metrics need it)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():  # a dataset folder: its meta.json, else a scan of its MVTec layout
+        if (path / "meta.json").is_file():
+            path = path / "meta.json"
+        else:
+            data, path = meta_from_mvtec(path), path / "meta.json"
+    elif not path.is_file():
         raise FileNotFoundError(f"{path}: meta file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or not any(k in data for k in SPLITS):
         raise ValueError(f"{path}: expected an object with 'train' and/or 'test' splits, got "
                          f"{type(data).__name__} with keys {sorted(data)[:5] if isinstance(data, dict) else '-'}")
