@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from agvas_train.demo import STEPS
 
 MTD = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "mtd"
 
 
+@pytest.mark.slow
 def test_demo_quick_end_to_end_and_reuse(tmp_path, capsys):
     from agvas.cli import main
 

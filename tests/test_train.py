@@ -61,6 +61,7 @@ def test_few_steps_lower_the_loss(small_meta, tmp_path):
     assert meta["training"]["finished"] and meta["training"]["step"] == 8
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_compatibly(small_meta, tmp_path):
     mix = _mixture(small_meta)
     straight = Trainer(*build_trainable(tiny()), mix, _opts(), tmp_path / "a")
