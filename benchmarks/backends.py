@@ -64,6 +64,7 @@ class Sample:
     decode_ms_per_token: float | None = None
     tokens: int | None = None
     prompt_tokens: int | None = None
+    fast_path_outcome: str | None = None  # runtime: "off" | "hit" | "fallback@j"
     outputs: list[Output] = field(default_factory=list)
 
 
@@ -239,7 +240,7 @@ class RuntimeBackend:
         return Sample(stages_ms=stages, e2e_ms=e2e_ms, images=images,
                       ttft_ms=sum(t[k] for k in ("preprocess", "vision", "sam_encoder", "spam", "prefill")),
                       decode_ms_per_token=t["decode"] / n_steps if n_steps > 0 else None, tokens=len(r.tokens),
-                      prompt_tokens=prompt,
+                      prompt_tokens=prompt, fast_path_outcome=r.fast_path,
                       outputs=[Output(r.mask, r.verdict, r.anchor_states, r.text, r.prob)])
 
     def run(self, variant: Variant, images: list[str]) -> list[Sample]:
@@ -256,5 +257,7 @@ class RuntimeBackend:
         wall = (time.perf_counter() - t0) * 1e3
         per = [self._sample(r, wall) for r in rs]
         stages = {k: float(np.mean([p.stages_ms[k] for p in per])) for k in per[0].stages_ms}
+        outcomes = sorted({p.fast_path_outcome for p in per})
         return [Sample(stages_ms=stages, e2e_ms=wall, images=len(rs), tokens=per[0].tokens,
-                       prompt_tokens=per[0].prompt_tokens, outputs=[o for p in per for o in p.outputs])]
+                       prompt_tokens=per[0].prompt_tokens, fast_path_outcome=",".join(outcomes),
+                       outputs=[o for p in per for o in p.outputs])]

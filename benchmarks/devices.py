@@ -175,7 +175,7 @@ def check_anchors() -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [f"Roofline lower bounds ({LABEL}); batch 1, anyres vision tokens, 10 answer tokens decoded.", "",
+    lines = [f"Roofline lower bounds ({LABEL}); batch 1, anyres vision tokens, the 10-token direct answer decoded token by token.", "",
              "| device | config | precision | image | prompt tok | vision ms | SAM ms | prefill ms | decode ms/tok | e2e ms | weights+KV GB | fits |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -190,8 +190,21 @@ def devices_data() -> list[dict[str, Any]]:
     return [asdict(d) for d in DEVICES]
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m benchmarks.devices`
+if __name__ == "__main__":  # pragma: no cover - `python -m benchmarks.devices [--json FILE]`
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.devices", description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="also write rows, devices and anchors as JSON")
+    a = ap.parse_args()
     rows = device_table()
+    anchors = check_anchors()
     print(markdown(rows))
-    for a in check_anchors():
-        print(f"anchor {a['name']}: predicted {a['predicted']} vs measured {a['measured']} (ratio {a['ratio']}, consistent={a['consistent']})")
+    for x in anchors:
+        print(f"anchor {x['name']}: predicted {x['predicted']} vs measured {x['measured']} "
+              f"(ratio {x['ratio']}, consistent={x['consistent']})")
+    if a.json:
+        from agvas.atomic import write_text_atomic
+
+        write_text_atomic(a.json, json.dumps({"label": LABEL, "devices": devices_data(), "anchors": anchors,
+                                              "rows": rows}, indent=2))

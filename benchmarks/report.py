@@ -103,6 +103,15 @@ def markdown(record: dict[str, Any]) -> str:
     skipped = record["setup"].get("skipped") or {}
     if skipped:
         lines += [""] + [f"- skipped {k}: {v}" for k, v in skipped.items()]
+    dm = record.get("device_model")
+    if dm:
+        from .devices import markdown as device_markdown
+
+        lines += ["", "### Edge / data-centre GPUs — " + dm["label"], "", device_markdown(dm["rows"]), "",
+                  "Checks against published measurements (the floor must stay below them):", "",
+                  "| anchor | predicted | measured | ratio | consistent |", "|---|---|---|---|---|"]
+        lines += [f"| {a['name']} ({a['quantity']}) | {a['predicted']:,.1f} | {a['measured']:,.1f} | {a['ratio']:.2f} | "
+                  f"{'yes' if a['consistent'] else 'no'} |" for a in dm["anchors"]]
     return "\n".join(lines)
 
 

@@ -171,6 +171,14 @@ def agreement(reference: Path, candidate: Path) -> dict[str, Any]:
             "text_agreement": g.text_agreement}
 
 
+def _counts(items) -> dict[str, int] | None:
+    out: dict[str, int] = {}
+    for x in items:
+        if x:
+            out[x] = out.get(x, 0) + 1
+    return out or None
+
+
 def summarize_variant(res: WorkerResult, key: str, vr: VariantResult, config: str) -> dict[str, Any]:
     """One ``runs[]`` record of the bench JSON."""
     v = Variant(False, 1, "anyres") if key == "llm" else Variant.from_key(key)
@@ -195,6 +203,7 @@ def summarize_variant(res: WorkerResult, key: str, vr: VariantResult, config: st
         "decode_ms_per_token": e2e_summary(per_tok) if per_tok else None,
         "prompt_tokens": s[0].get("prompt_tokens") if s else None,
         "generated_tokens": s[0].get("tokens") if s else None,
+        "fast_path_outcomes": _counts(x.get("fast_path_outcome") for x in s),
         "samples": len(s), "peak_rss_mb": vr.peak_rss_mb, "load_s": res.load_s,
         "engine_precisions": res.engine_precisions,
         "mask_iou_vs_reference": None, "verdict_agreement": None, "error": vr.error or res.error,
@@ -247,6 +256,9 @@ def _runtime_specs(opts: BenchOptions, ckpt: Path, cfg_dir: Path, log: Path, ima
     """Runtime back-ends over the exports `agvas export` / `agvas quantize` build (when they exist)."""
     from . import prepare
 
+    names = ["runtime-fp32"] + [f"runtime-llm{q}-vis8" for q in opts.quantized]
+    if opts.only and not set(names) & set(opts.only):
+        return []
     why = prepare.verb_available("export") or prepare.verb_available("inspect")
     if why is None:
         try:
@@ -273,6 +285,8 @@ def _runtime_specs(opts: BenchOptions, ckpt: Path, cfg_dir: Path, log: Path, ima
         skipped["runtime-quantized"] = why
         return specs
     for llm in opts.quantized:
+        if opts.only and f"runtime-llm{llm}-vis8" not in opts.only:
+            continue
         try:
             q = prepare.quantized_export(exp, cfg_dir, images, llm, "int8", log, n_calib=max(1, len(images) - 1),
                                          held_out=min(1, len(images) - 1))
@@ -316,6 +330,11 @@ def plan(opts: BenchOptions, progress: Callable[[str], None]) -> tuple[list[list
     """Build what is missing in the cache and decide the worker groups."""
     from . import prepare
 
+    possible = ["eager-fp32", "eager-bf16", "eager-bf16-autocast", "runtime-fp32",
+                *[f"runtime-llm{q}-vis8" for q in opts.quantized], "ortgenai-fp32", "ortgenai-int4"]
+    unknown = sorted(set(opts.only) - set(possible))
+    if unknown:
+        raise ValueError(f"--only {' '.join(unknown)}: unknown back-end; expected some of {', '.join(possible)}")
     cfg_dir = opts.cache / opts.config
     cfg_dir.mkdir(parents=True, exist_ok=True)
     log = cfg_dir / "bench.log"
@@ -363,6 +382,8 @@ def plan(opts: BenchOptions, progress: Callable[[str], None]) -> tuple[list[list
             import export.llm  # noqa: F401  (save_causal_lm)
 
             for prec in ("fp32", "int4"):
+                if opts.only and f"ortgenai-{prec}" not in opts.only:
+                    continue
                 progress(f"onnxruntime-genai peer model ({prec})")
                 d = prepare.genai_model(ckpt, cfg_dir, prec, log)
                 peers.append(WorkerSpec(f"ortgenai-{prec}", "genai", "onnxruntime-genai", prec,
@@ -449,6 +470,13 @@ def bench(opts: BenchOptions, progress: Callable[[str], None] = lambda s: None) 
         "runs": runs,
     }
     record["speedup"], record["rss_fraction_vs_eager_fp32"], record["best"] = speedups(runs)
+    if opts.config != "tiny":
+        from . import devices
+
+        progress("device model")
+        record["device_model"] = {"label": devices.LABEL, "devices": devices.devices_data(),
+                                  "anchors": devices.check_anchors(),
+                                  "rows": devices.device_table(configs=(opts.config, "ov-7b"))}
     report.write_all(record, opts.json_path, opts.results_dir)
     return record
 
