@@ -63,8 +63,9 @@ def load_image(src, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             raise ImageError(f"{name}: {e}") from None
         except UnidentifiedImageError:
             raise ImageError(f"{name}: not an image (PIL cannot identify the format)") from None
-        except OSError as e:
-            raise ImageError(f"{name}: cannot open: {e}") from None
+        except OSError as e:  # errno set: the file system (permissions, I/O); else PIL's decoder
+            what = "cannot open" if e.errno is not None else "truncated or corrupt image data"
+            raise ImageError(f"{name}: {what}: {e}") from None
     w, h = im.size
     if w * h > max_pixels:
         raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels")
