@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="check engine files against the manifest at load (default bytes: sizes)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse larger images as per-image errors (default {DEFAULT_MAX_PIXELS:,})")
+    from .ray_inspect import add_arguments as add_ray_arguments
+
+    add_ray_arguments(p)  # --ray [ADDRESS] and its --ray-* options (runtime/ray_inspect.py)
 
 
 def _engine_files(specs: list[str]) -> dict[str, str]:
@@ -77,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threshold must be within [0, 1], got {args.threshold}")
     if args.min_area < 0:
         raise ValueError(f"--min-area must be >= 0, got {args.min_area}")
+    if args.ray is not None:  # the same inspection on a Ray cluster: runtime/ray_inspect.py
+        from .ray_inspect import run as run_ray
+
+        return run_ray(args)
     items = expand_inputs(args.inputs, args.out)
     engines = Path(args.engines)
     if not engines.is_dir():
