@@ -22,8 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vision-tokens", choices=VISION_TOKENS, default="anyres",
                    help="default visual-token mode recorded in the manifest: anyres (HF packing) or base "
                         "(the base tile only: ~5-10x fewer LLM tokens)")
-    p.add_argument("--target", choices=TARGETS, default="onnx",
-                   help="tensorrt: also write build_engines.sh (trtexec) for the vision-side engines")
+    p.add_argument("--target", choices=(*TARGETS, "triton"), default="onnx",
+                   help="tensorrt: also write build_engines.sh (trtexec) for the vision-side engines; triton: "
+                        "--out is a Triton model repository (--checkpoint may also be an export directory)")
     p.add_argument("--max-batch", type=int, default=4, help="largest batch of the TensorRT optimisation profiles")
     p.add_argument("--external-data-mb", type=int, default=EXTERNAL_DATA_THRESHOLD >> 20,
                    help="graphs with more weight than this are saved with ONNX external data")
@@ -31,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.target == "triton":  # a Triton model repository: export/triton.py
+        from .triton import run as run_triton
+
+        return run_triton(args)
     from tqdm import tqdm
 
     from .exporter import export_checkpoint
