@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-genai", dest="genai", action="store_false", help="skip the onnxruntime-genai peer")
     p.add_argument("--no-base-tokens", dest="base_tokens", action="store_false",
                    help="skip the --vision-tokens base variant")
+    p.add_argument("--sequential", action="store_true",
+                   help="load one back-end at a time (least memory); ratios are then not interleaved")
     p.add_argument("--only", nargs="+", default=(), metavar="NAME",
                    help="run only these back-ends (e.g. eager-fp32 eager-bf16 runtime-fp32 ortgenai-int4)")
 
@@ -57,7 +59,7 @@ def run(args) -> int:
                         results_dir=args.results, images=args.images, image_size=args.image_size, batch=args.batch,
                         warmup=args.warmup, iters=args.iters, threads=args.threads, quick=args.quick,
                         autocast=args.autocast, base_tokens=args.base_tokens, genai=args.genai, only=tuple(args.only),
-                        quantized=tuple(args.quantized),
+                        quantized=tuple(args.quantized), sequential=args.sequential,
                         command="agvas bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     bar = tqdm(desc="bench", bar_format="{desc} [{elapsed}]", file=sys.stderr)
 

@@ -135,6 +135,7 @@ def measure_machine(quick: bool = False, threads: int = 2) -> dict[str, Any]:
         },
         "int8_kernel": int8_ops,
         "memory_bandwidth_gbs": memory_bandwidth_gbs(256 if quick else 512, reps),
+        "loadavg_1min": os.getloadavg()[0],  # > logical CPUs: other work shares the machine (contended)
         "note": "best of repetitions; int8 = ONNX Runtime quantize_dynamic MatMul (GOP/s)",
     }
 

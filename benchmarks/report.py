@@ -51,6 +51,16 @@ def _stage(r: dict, st: str) -> str:
     return "—" if not s else f"{s['p50_ms']:,.1f}"
 
 
+def _load_note(record: dict[str, Any]) -> str:
+    start, end = record["machine"].get("loadavg_1min"), record["setup"].get("loadavg_1min_end")
+    cpus = record["machine"].get("logical_cpus") or 1
+    if start is None:
+        return ""
+    busy = max(start, end or 0) > cpus
+    return (f" Load average {start:.1f} at start, {end:.1f} at end on {cpus} CPUs"
+            + (": **contended — absolute times are inflated; only ratios inside a group mean much**." if busy else "."))
+
+
 def _acc(a: dict | None) -> str:
     if not a or a.get("error"):
         return "—"
@@ -66,7 +76,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"({m.get('int8_kernel')}), memory {m['memory_bandwidth_gbs']:,.0f} GB/s. "
         f"Weights: {record['setup'].get('weights')}. Images: {record['setup']['images']['count']} × "
         f"{record['setup']['images']['size'][0]}², {record['setup']['warmup']} warm-up + {record['setup']['iters']} "
-        "rounds, interleaved per group. Stage columns are p50 ms.", "",
+        f"rounds, {'one back-end at a time' if record['setup'].get('sequential') else 'interleaved per group'}. "
+        "Stage columns are p50 ms." + _load_note(record), "",
         "| run | prec | fast | batch | tokens | prompt | pre | vision | SAM | SPAM | prefill | decode | ms/tok | AGMD | post "
         "| TTFT | e2e p50 | e2e p90 | img/s | RSS MB | IoU mean/min | verdict | IoU_ano / IoU_nor / AP |",
         "|---|---|---|---|---|---|" + "---|" * 17,

@@ -232,6 +232,7 @@ class BenchOptions:
     genai: bool = True
     quantized: tuple[str, ...] = ("int8", "int4")  # LLM precisions of the quantized runtime exports
     only: tuple[str, ...] = ()  # restrict to these worker names
+    sequential: bool = False  # one back-end alive at a time (least memory; ratios no longer interleaved)
     command: str = ""
 
     def resolved(self) -> "BenchOptions":
@@ -242,6 +243,11 @@ class BenchOptions:
             if getattr(self, k) is None:
                 setattr(self, k, v)
         self.images = max(self.images, 1)
+        possible = ["eager-fp32", "eager-bf16", "eager-bf16-autocast", "runtime-fp32",
+                    *[f"runtime-llm{q}-vis8" for q in self.quantized], "ortgenai-fp32", "ortgenai-int4"]
+        unknown = sorted(set(self.only) - set(possible))
+        if unknown:
+            raise ValueError(f"--only {' '.join(unknown)}: unknown back-end; expected some of {', '.join(possible)}")
         return self
 
 
@@ -330,11 +336,6 @@ def plan(opts: BenchOptions, progress: Callable[[str], None]) -> tuple[list[list
     """Build what is missing in the cache and decide the worker groups."""
     from . import prepare
 
-    possible = ["eager-fp32", "eager-bf16", "eager-bf16-autocast", "runtime-fp32",
-                *[f"runtime-llm{q}-vis8" for q in opts.quantized], "ortgenai-fp32", "ortgenai-int4"]
-    unknown = sorted(set(opts.only) - set(possible))
-    if unknown:
-        raise ValueError(f"--only {' '.join(unknown)}: unknown back-end; expected some of {', '.join(possible)}")
     cfg_dir = opts.cache / opts.config
     cfg_dir.mkdir(parents=True, exist_ok=True)
     log = cfg_dir / "bench.log"
@@ -399,6 +400,8 @@ def plan(opts: BenchOptions, progress: Callable[[str], None]) -> tuple[list[list
     rest = [s for s in runtime if s is not lead]
     groups = ([eager + ([lead] if lead else []), rest + peers] if opts.config != "tiny" else [eager + runtime + peers])
     groups = [[s for s in g if not opts.only or s.name in opts.only] for g in groups]
+    if opts.sequential:
+        groups = [[s] for g in groups for s in g]
     return [g for g in groups if g], info
 
 
@@ -464,7 +467,8 @@ def bench(opts: BenchOptions, progress: Callable[[str], None] = lambda s: None) 
         "config": opts.config,
         "machine": machine,
         "setup": {**info, "warmup": opts.warmup, "iters": opts.iters, "images_per_round": opts.images,
-                  "batch": opts.batch, "threads": opts.threads,
+                  "batch": opts.batch, "threads": opts.threads, "sequential": opts.sequential,
+                  "loadavg_1min_end": os.getloadavg()[0],
                   "note": "contended timings are only comparable as ratios inside one group (interleaved rounds)"},
         "groups": [[s.name for s in g] for g in groups],
         "runs": runs,
