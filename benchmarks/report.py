@@ -133,7 +133,14 @@ def charts(record: dict[str, Any], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from agvas.atomic import atomic_path
+    def save(fig, path: Path) -> Path:
+        from agvas.atomic import atomic_path
+
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+        return path
 
     runs = [r for r in record["runs"] if r.get("stages") and r["backend"] != "onnxruntime-genai" and r["batch"] == 1]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,12 +155,7 @@ def charts(record: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel("p50 latency per image (s)")
     ax.set_title(f"AG-VAS {record['config']}: per-stage latency (batch 1)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    p = out_dir / f"{record['config']}_stages.png"
-    with atomic_path(p) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save(fig, out_dir / f"{record['config']}_stages.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in runs:
@@ -165,12 +167,7 @@ def charts(record: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_xlabel("e2e p50 latency (s)")
     ax.set_ylabel("mean mask IoU vs fp32 reference")
     ax.set_title(f"AG-VAS {record['config']}: latency vs agreement")
-    fig.tight_layout()
-    p = out_dir / f"{record['config']}_latency_accuracy.png"
-    with atomic_path(p) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save(fig, out_dir / f"{record['config']}_latency_accuracy.png"))
     return paths
 
 
