@@ -13,8 +13,8 @@ The runtime's :class:`runtime.Inspector` runs the images; capture only wraps wha
   Decode steps are not stored (their inputs are a KV cache).
 
 Images come from a folder, glob, list file or ``meta.json`` (``runtime.inputs.expand_inputs``);
-a seeded shuffle picks ``n`` calibration images and ``held_out`` others, whose inputs are not
-stored (the gate measures them as unseen data).
+a seeded shuffle picks ``n`` calibration images and ``held_out`` others (from the same source or
+from ``held_src``), whose inputs are not stored (the gate measures them as unseen data).
 """
 
 from __future__ import annotations
@@ -73,15 +73,29 @@ class _RecordingLLM:
         return getattr(self._llm, name)
 
 
-def select_images(src: list[str] | str, n: int, held_out: int, seed: int = 0) -> tuple[list, list]:
-    """``(calibration items, held-out items)`` from SRC (a seeded shuffle; fewer images than
-    ``n + held_out``: a quarter at most is held out, the rest calibrates)."""
+def _images(src: list[str] | str, flag: str) -> list:
     from runtime.inputs import expand_inputs
 
     items = [it for it in expand_inputs([src] if isinstance(src, str) else list(src)) if Path(it.path).is_file()]
     if not items:
-        raise ValueError(f"--images {src}: no image files found")
+        raise ValueError(f"{flag} {src}: no image files found")
+    return items
+
+
+def select_images(src: list[str] | str, n: int, held_out: int, seed: int = 0,
+                  held_src: list[str] | str | None = None) -> tuple[list, list]:
+    """``(calibration items, held-out items)``, each a seeded shuffle. Held-out images come from
+    ``held_src`` when given (e.g. a ``meta.json`` with anomalous images; calibration images are
+    excluded from it), else from SRC (fewer images than ``n + held_out``: a quarter at most is
+    held out, the rest calibrates)."""
+    items = _images(src, "--images")
     random.Random(seed).shuffle(items)
+    if held_src is not None:
+        calib = items[:n]
+        seen = {str(Path(it.path).resolve()) for it in calib}
+        held = [it for it in _images(held_src, "--held-out-images") if str(Path(it.path).resolve()) not in seen]
+        random.Random(seed).shuffle(held)
+        return calib, held[:held_out]
     if len(items) < n + held_out:
         held_out = min(held_out, len(items) // 4)
         n = len(items) - held_out
@@ -89,7 +103,8 @@ def select_images(src: list[str] | str, n: int, held_out: int, seed: int = 0) ->
 
 
 def capture(engines_dir: str | os.PathLike, src: list[str] | str, out_dir: str | os.PathLike, *, n: int = 64,
-            held_out: int = 16, seed: int = 0, provider: str = "cpu", threads: int | None = None,
+            held_out: int = 16, held_src: list[str] | str | None = None, seed: int = 0, provider: str = "cpu",
+            threads: int | None = None,
             vision_tokens: str | None = None, store_dtype: str = "float16", shard_size: int = 16,
             tensorrt: bool = True, progress: bool = True, log: Callable[[str], None] = print) -> CalibrationStore:
     """Run the fp32 export ``engines_dir`` over the images of ``src``; write ``out_dir``."""
@@ -105,13 +120,15 @@ def capture(engines_dir: str | os.PathLike, src: list[str] | str, out_dir: str |
     if not_fp32:
         raise ValueError(f"--engines {engines_dir}: calibration needs the fp32 export, but engines {not_fp32} "
                          f"are not fp32")
-    calib, held = select_images(src, n, held_out, seed)
+    calib, held = select_images(src, n, held_out, seed, held_src)
     meta: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "export": {"dir": str(engines_dir.resolve()), "manifest_sha256": file_digest(m.root / "manifest.json")[0],
                    "checkpoint_sha256": m.data["source"]["checkpoint_sha256"],
                    "config_name": m.data["source"]["config_name"]},
-        "source": src if isinstance(src, str) else list(src), "seed": seed, "provider": provider,
+        "source": src if isinstance(src, str) else list(src),
+        "held_out_source": held_src if held_src is None or isinstance(held_src, str) else list(held_src),
+        "seed": seed, "provider": provider,
         "mode": "direct", "fast_path": insp.fast_path, "vision_tokens": insp.vision_tokens,
         "threshold": insp.threshold,
     }

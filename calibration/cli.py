@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--num", type=int, default=64, help="calibration images (default 64)")
     p.add_argument("--held-out", type=int, default=16,
                    help="further images the gate checks but calibration never sees (default 16)")
+    p.add_argument("--held-out-images", nargs="+", default=None,
+                   help="take the held-out images from here instead (e.g. a meta.json with anomalous images)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image shuffle (default 0)")
     p.add_argument("--provider", default="cpu", help="ONNX Runtime provider for the fp32 run (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
@@ -41,7 +43,8 @@ def run(args) -> int:
         if not args.overwrite:
             raise ValueError(f"--out {out} exists and is not empty (use --overwrite to replace it)")
         shutil.rmtree(out)
-    store = capture(args.engines, args.images, out, n=args.num, held_out=args.held_out, seed=args.seed,
+    store = capture(args.engines, args.images, out, n=args.num, held_out=args.held_out,
+                    held_src=args.held_out_images, seed=args.seed,
                     provider=args.provider, threads=args.threads, vision_tokens=args.vision_tokens,
                     store_dtype=args.store_dtype, tensorrt=not args.no_tensorrt, progress=not args.no_progress)
     splits = [im["split"] for im in store.images]

@@ -17,7 +17,7 @@ import numpy as np
 
 BUDGET_KEYS = {
     "mean_iou": "mean_mask_iou", "min_iou": "min_mask_iou", "verdict": "verdict_agreement",
-    "anchor_cosine": "anchor_cosine", "text": "text_agreement",
+    "anchor_cosine": "anchor_cosine", "text": "text_agreement", "forced_iou": "forced_mask_iou",
 }
 
 
@@ -30,11 +30,12 @@ class Budget:
     min_iou: float | None = None
     anchor_cosine: float | None = None
     text: float | None = None
+    forced_iou: float | None = None  # teacher-forced low-res mask IoU (meaningful without learned anchors)
 
     @classmethod
     def parse(cls, spec: str | None) -> "Budget":
-        """``"mean_iou=0.95,verdict=0.99,min_iou=0.8,anchor_cosine=0.99,text=1"`` (missing keys keep
-        their defaults; ``key=none`` switches a check off)."""
+        """``"mean_iou=0.95,verdict=0.99,min_iou=0.8,anchor_cosine=0.99,text=1,forced_iou=0.95"``
+        (missing keys keep their defaults; ``key=none`` switches a check off)."""
         b = cls()
         if not spec:
             return b
@@ -125,6 +126,14 @@ class GateResult:
     rows: list[ImageRow]
     budget: Budget
     engine_snr_db: dict[str, float] = field(default_factory=dict)
+    # teacher-forced check of the llm: its anchor states at the forced answer's anchor positions of
+    # the captured prefills, decoded by the fp32 agmd (keys: images, anchor_cosine, min_anchor_cosine,
+    # mask_iou, min_mask_iou) — meaningful for models that never emit the anchors (random weights)
+    forced: dict[str, float] | None = None
+
+    @property
+    def forced_mask_iou(self) -> float:
+        return float(self.forced["mask_iou"]) if self.forced else float("nan")
 
     # ---- aggregates -------------------------------------------------------------------------
     @property
@@ -158,8 +167,14 @@ class GateResult:
         out = []
         for key, metric in BUDGET_KEYS.items():
             bound = getattr(self.budget, key)
+            if bound is None:
+                continue
+            if metric == "forced_mask_iou" and not self.forced:
+                out.append("forced_mask_iou: no teacher-forced check ran (the llm is unchanged or no prefills "
+                           "were captured)")
+                continue
             value = getattr(self, metric)
-            if bound is not None and not value >= bound:
+            if not value >= bound:
                 out.append(f"{metric} {value:.4f} < {bound:g}")
         return out
 
@@ -177,6 +192,7 @@ class GateResult:
             "verdict_agreement": self.verdict_agreement, "anchor_cosine": self.anchor_cosine,
             "min_anchor_cosine": self.min_anchor_cosine, "text_agreement": self.text_agreement,
             "engine_snr_db": {k: (None if math.isinf(v) else v) for k, v in self.engine_snr_db.items()},
+            "teacher_forced": self.forced,
             "images": {k: {"count": len(v), "names": v} for k, v in splits.items()},
             "budget": self.budget.to_dict(), "passed": self.passed, "failures": self.failures(),
         }
@@ -184,7 +200,7 @@ class GateResult:
 
 def compare(reference: Sequence[Outputs], candidate: Sequence[Outputs], names: Iterable[str],
             splits: Iterable[str], budget: Budget | None = None,
-            engine_snr_db: dict[str, float] | None = None) -> GateResult:
+            engine_snr_db: dict[str, float] | None = None, forced: dict[str, float] | None = None) -> GateResult:
     """Compare per-image outputs of a candidate export with the fp32 reference."""
     names, splits = list(names), list(splits)
     if not len(reference) == len(candidate) == len(names) == len(splits):
@@ -193,7 +209,7 @@ def compare(reference: Sequence[Outputs], candidate: Sequence[Outputs], names: I
     rows = [ImageRow(n, s, mask_iou(r.mask, c.mask), r.verdict == c.verdict,
                      anchor_cosine(r.anchor_states, c.anchor_states), r.text == c.text)
             for r, c, n, s in zip(reference, candidate, names, splits)]
-    return GateResult(rows, budget or Budget(), dict(engine_snr_db or {}))
+    return GateResult(rows, budget or Budget(), dict(engine_snr_db or {}), forced)
 
 
 def format_gate(result: GateResult, title: str = "accuracy gate") -> str:
@@ -213,6 +229,12 @@ def format_gate(result: GateResult, title: str = "accuracy gate") -> str:
              f"| anchor cosine (mean / min) | {result.anchor_cosine:.5f} / {result.min_anchor_cosine:.5f} | "
              f"{bound('anchor_cosine')} |",
              f"| text agreement | {result.text_agreement:.2%} | {bound('text')} |"]
+    if result.forced:
+        f = result.forced
+        lines += [f"| teacher-forced mask IoU, low-res (mean / min, {f['images']} prefills) | "
+                  f"{f['mask_iou']:.4f} / {f['min_mask_iou']:.4f} | {bound('forced_iou')} |",
+                  f"| teacher-forced anchor cosine (mean / min) | {f['anchor_cosine']:.5f} / "
+                  f"{f['min_anchor_cosine']:.5f} | |"]
     for eng, v in result.engine_snr_db.items():
         lines.append(f"| SNR `{eng}` | {'inf' if math.isinf(v) else f'{v:.1f} dB'} | |")
     fails = result.failures()

@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-method", choices=STATIC_METHODS, default="minmax",
                    help="activation calibration for static int8 (default minmax)")
     p.add_argument("--static-samples", type=int, default=32, help="captured inputs for static int8 (default 32)")
+    p.add_argument("--snr-samples", type=int, default=2,
+                   help="captured inputs per changed engine for its SNR and the llm's teacher-forced check (default 2)")
     p.add_argument("--provider", default="cpu", help="ONNX Runtime provider the gate runs on (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
     p.add_argument("--force", action="store_true", help="write the export even below budget (gate recorded as failed)")
@@ -86,7 +88,8 @@ def run(args) -> int:
                         accuracy_level=args.accuracy_level, keep_last_layers=args.keep_last_layers,
                         keep_lm_head=args.keep_lm_head, gptq_samples=args.gptq_samples,
                         gptq_max_tokens=args.gptq_max_tokens, static_method=args.static_method,
-                        static_samples=args.static_samples, provider=args.provider, threads=args.threads)
+                        static_samples=args.static_samples, snr_samples=args.snr_samples, provider=args.provider,
+                        threads=args.threads)
     out = quantize_export(args.engines, args.calib, args.out, llm=args.llm, vision=args.vision, auto=args.auto,
                           budget=Budget.parse(args.budget), opts=opts, force=args.force, overwrite=args.overwrite,
                           progress=not args.no_progress)

@@ -63,11 +63,17 @@ def test_identical_outputs_pass_and_damaged_fail():
     assert "mean_mask_iou" in fails and "verdict_agreement 0.9000 < 0.99" in fails and "text_agreement" in fails
     table = format_gate(r)
     assert "FAIL" in table and "| verdict agreement | 90.00% | ≥ 0.99 |" in table
+    # a teacher-forced budget needs the teacher-forced check
+    f = compare(refs, refs, [f"img{i}" for i in range(10)], ["calibration"] * 10, budget=Budget(forced_iou=0.9))
+    assert not f.passed and "no teacher-forced check ran" in f.failures()[0]
+    f.forced = {"images": 2, "mask_iou": 0.95, "min_mask_iou": 0.9, "anchor_cosine": 0.999, "min_anchor_cosine": 0.998}
+    assert f.passed and f.to_manifest()["teacher_forced"]["mask_iou"] == 0.95
+    assert "teacher-forced mask IoU" in format_gate(f)
 
 
 def test_budget_parsing():
-    b = Budget.parse("mean_iou=0.9, min_iou=0.5,anchor_cosine=none")
-    assert (b.mean_iou, b.min_iou, b.verdict, b.anchor_cosine) == (0.9, 0.5, 0.99, None)
+    b = Budget.parse("mean_iou=0.9, min_iou=0.5,anchor_cosine=none,forced_iou=0.9")
+    assert (b.mean_iou, b.min_iou, b.verdict, b.anchor_cosine, b.forced_iou) == (0.9, 0.5, 0.99, None, 0.9)
     with pytest.raises(ValueError, match="KEY in"):
         Budget.parse("iou=0.9")
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
