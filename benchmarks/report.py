@@ -129,6 +129,7 @@ def markdown(record: dict[str, Any]) -> str:
 def charts(record: dict[str, Any], out_dir: Path) -> list[Path]:
     """Stacked per-stage latency per run, and e2e latency vs mask IoU."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -157,13 +158,16 @@ def charts(record: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.legend(fontsize=7, ncol=2)
     paths.append(save(fig, out_dir / f"{record['config']}_stages.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in runs:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = "osD^v<>phX*"
+    for i, r in enumerate(x for x in runs if x["vision_tokens"] == "anyres"):
         iou = (r.get("mask_iou_vs_reference") or {}).get("mean")
         if iou is None or not r.get("e2e_ms"):
             continue
-        ax.scatter(r["e2e_ms"]["p50"] / 1e3, iou)
-        ax.annotate(r["name"], (r["e2e_ms"]["p50"] / 1e3, iou), fontsize=6)
+        ax.scatter(r["e2e_ms"]["p50"] / 1e3, iou, marker=markers[i % len(markers)], label=r["name"])
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.legend(fontsize=6, loc="lower right")
     ax.set_xlabel("e2e p50 latency (s)")
     ax.set_ylabel("mean mask IoU vs fp32 reference")
     ax.set_title(f"AG-VAS {record['config']}: latency vs agreement")
