@@ -97,3 +97,24 @@ def test_mtd_reads_and_baseline(capsys):
     code = main(["eval", "--baseline", "empty", "--data", str(MTD_META), "--limit", "6", "--no-progress"])
     assert code == 0
     assert "magnetic_tile" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_agvas_eval_engines_matches_checkpoint(trained_tiny_checkpoint, eval_meta, tmp_path):
+    """`--engines` (the runtime over an export) gives the reference's metrics."""
+    from agvas.cli import main
+
+    export = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(trained_tiny_checkpoint), "--out", str(export)]) == 0
+    results = {}
+    for flag, src in (("--engines", export), ("--checkpoint", trained_tiny_checkpoint)):
+        out = tmp_path / f"{flag[2:]}.json"
+        assert main(["eval", flag, str(src), "--data", str(eval_meta), "--limit", "4", "--json", str(out),
+                     "--no-progress"]) == 0
+        results[flag] = json.loads(out.read_text())
+    eng, ref = results["--engines"], results["--checkpoint"]
+    for cat, r in ref["per_category"].items():
+        for k in ("iou_ano", "iou_nor", "image_acc"):
+            assert eng["per_category"][cat][k] == pytest.approx(r[k], abs=0.02), (cat, k)
+        for k in ("pixel_ap", "f1_max", "image_auroc"):
+            assert eng["per_category"][cat][k] == pytest.approx(r[k], abs=0.02), (cat, k)
