@@ -66,7 +66,8 @@ class Engine:
     """One ONNX Runtime session. ``run(**feeds)`` casts float feeds to the graph's declared dtype
     (fp16 engines take float32 arrays) and returns float32 outputs by name."""
 
-    def __init__(self, name: str, path: Path, providers: list, threads: int, manifest: Manifest | None) -> None:
+    def __init__(self, name: str, path: Path, providers: list, threads: int, manifest: Manifest | None,
+                 spin: bool = False) -> None:
         import onnxruntime as ort
 
         if not path.is_file():
@@ -77,6 +78,10 @@ class Engine:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        # spin-waiting workers cut latency on an idle machine but, on a busy one (or with the
+        # overlapped stages of Inspector.stream), steal the cores the other threads need: measured
+        # 20x slower for tiny on a loaded 2-core box. Off unless asked for.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.name, self.path = name, path
         self.session = ort.InferenceSession(str(path), so, providers=providers)
         want = providers[0] if isinstance(providers[0], str) else providers[0][0]
@@ -193,10 +198,11 @@ class LLM:
 
 class Engines:
     """All engines of an export. ``files`` overrides engine files by name (e.g. a quantized
-    ``{"llm": "llm_int4.onnx"}``); an override's IO is checked against the manifest by name."""
+    ``{"llm": "llm_int4.onnx"}``); an override's IO is checked against the manifest by name.
+    ``spin``: let ONNX Runtime's intra-op workers spin-wait (see :class:`Engine`)."""
 
     def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int | None = None,
-                 files: dict[str, str | os.PathLike] | None = None) -> None:
+                 files: dict[str, str | os.PathLike] | None = None, spin: bool = False) -> None:
         self.manifest = manifest
         self.provider = provider
         self.threads = threads or default_threads()
@@ -210,7 +216,7 @@ class Engines:
         def onnx(name: str) -> Engine:
             path = self._path(name, files)
             return Engine(name, path, ort_providers(ep, name, manifest), self.threads,
-                          manifest if name not in files else None)
+                          manifest if name not in files else None, spin)
 
         if provider == "tensorrt-native":
             plans = (manifest.data.get("gpu") or {}).get("tensorrt", {}).get("plans", {})

@@ -49,13 +49,13 @@ AGGREGATES = {"encode": ("vision", "sam_encoder", "spam"), "llm": ("prefill", "d
 
 @dataclass
 class Result:
+    """``p_seg`` / ``p_ano`` at the original size are diagnostics: computed on first access."""
+
     text: str
     tokens: list[int]
     anchors_found: bool
     anchor_states: np.ndarray | None  # [3, H] in NOR, ANO, SEG order
     prob: np.ndarray  # P at the original size, float32 [H, W]
-    p_seg: np.ndarray
-    p_ano: np.ndarray
     low_res: np.ndarray  # low-res P [4h, 4w]
     mask: np.ndarray  # bool [H, W]
     verdict: bool  # anomalous
@@ -67,6 +67,24 @@ class Result:
     max_score: float = 0.0
     fast_path: str = "off"
     image: Image.Image | None = field(default=None, repr=False)  # the oriented RGB image inspected
+    low_maps: np.ndarray | None = field(default=None, repr=False)  # low-res [P, P_seg, P_ano]
+    geometry: tuple | None = field(default=None, repr=False)  # (input_size, original_size, img_size)
+
+    @property
+    def p_seg(self) -> np.ndarray:
+        return self._full(1)
+
+    @property
+    def p_ano(self) -> np.ndarray:
+        return self._full(2)
+
+    def _full(self, i: int) -> np.ndarray:
+        if self.low_maps is None:
+            return np.zeros_like(self.prob)
+        cache = self.__dict__.setdefault("_maps", {})
+        if i not in cache:
+            cache[i] = upsample_maps(self.low_maps[i:i + 1], *self.geometry)[0]
+        return cache[i]
 
 
 @dataclass
@@ -86,13 +104,15 @@ class Inspector:
       (relative to ``export_dir`` or absolute); IO names must match the manifest.
     - ``fast_path``: the forced-answer fast path in Direct mode (on by default).
     - ``verify``: engine file check at load — "sha256" (default), "bytes", "none".
+    - ``threads`` (default: all cores) and ``spin`` (ONNX Runtime workers spin-wait; off: on a
+      shared machine spinning costs far more than it saves).
     """
 
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu", mode: str = "direct", *,
                  normal_sentence: str | None = None, vision_tokens: str | None = None, threads: int | None = None,
                  fast_path: bool = True, threshold: float | None = None, min_area: int = 0,
                  max_new_tokens: int | None = None, engine_files: dict | None = None, verify: str = "sha256",
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, spin: bool = False) -> None:
         self.manifest: Manifest = load_manifest(export_dir, verify=verify)
         m = self.manifest.data
         self.mode = normalize_mode(mode)
@@ -102,7 +122,7 @@ class Inspector:
         if self.vision_tokens not in vt["supported"]:
             raise ValueError(f"--vision-tokens {self.vision_tokens!r}: the export {export_dir} supports "
                              f"{vt['supported']}")
-        self.engines = Engines(self.manifest, provider, threads, engine_files)
+        self.engines = Engines(self.manifest, provider, threads, engine_files, spin)
         self.prompt = Prompt(m["prompt"], Path(export_dir) / "tokenizer")
         self.pre_ids, self.post_ids = self.prompt.split_ids(self.mode, normal_sentence)  # validates the mode now
         self.siglip = SiglipParams.from_manifest(m["preprocessing"]["siglip"])
@@ -159,32 +179,33 @@ class Inspector:
     def finish(self, enc: _Encoded, gen: Generation) -> Result:
         """AGMD on the anchor states, maps at the original size, mask and verdict."""
         t = dict(enc.timings)
-        t.update({k: v for k, v in gen.timings_ms.items()})
+        t.update(gen.timings)
         c = time.perf_counter()
         h, w = enc.image.height, enc.image.width
         found = all(a in gen.states for a in self.anchors)
+        geometry = (enc.input_size, (h, w), self.sam.img_size)
         if found:
             states = np.stack([gen.states[a] for a in self.anchors])
             out = self.engines.agmd.run(anchor_states=states[None], pixel_embedding=enc.pixel_embedding)
             low = np.stack([out["prob"][0], out["p_seg"][0], out["p_ano"][0]])
             t["agmd"], c = _lap(c)
-            prob, p_seg, p_ano = upsample_maps(low, enc.input_size, (h, w), self.sam.img_size)
-            low_res = low[0]
+            prob = upsample_maps(low[:1], *geometry)[0]
         else:
-            states = None
+            states = low = None
             t["agmd"], c = _lap(c)
-            g = self.sam_grid * 4
-            low_res = np.zeros((g, g), np.float32)
-            prob = p_seg = p_ano = np.zeros((h, w), np.float32)
+            prob = np.zeros((h, w), np.float32)
+        g = self.sam_grid * 4
+        low_res = low[0] if low is not None else np.zeros((g, g), np.float32)
         v = decide(prob, self.threshold, self.min_area)
         t["postprocess"], c = _lap(c)
         ms = {k: t[k] * 1000.0 for k in STAGES}
         ms.update({k: sum(ms[s] for s in parts) for k, parts in AGGREGATES.items()})
         ms["total"] = sum(ms[s] for s in STAGES)
         return Result(text=self.prompt.decode(gen.tokens), tokens=gen.tokens, anchors_found=found,
-                      anchor_states=states, prob=prob, p_seg=p_seg, p_ano=p_ano, low_res=low_res, mask=v.mask,
-                      verdict=v.anomalous, n_visual=int(enc.visual.shape[0]), timings_ms=ms, area_px=v.area_px,
-                      area_pct=v.area_pct, max_score=v.max_score, fast_path=gen.fast_path, image=enc.image)
+                      anchor_states=states, prob=prob, low_res=low_res, mask=v.mask, verdict=v.anomalous,
+                      n_visual=int(enc.visual.shape[0]), timings_ms=ms, area_px=v.area_px, area_pct=v.area_pct,
+                      max_score=v.max_score, fast_path=gen.fast_path, image=enc.image, low_maps=low,
+                      geometry=geometry)
 
     # ---- public API -----------------------------------------------------------------------------
     def inspect(self, image) -> Result:

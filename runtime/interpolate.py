@@ -12,9 +12,15 @@ from __future__ import annotations
 import numpy as np
 
 
-def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """``a*b + c`` rounded once to float32 (the product of two float32 is exact in float64)."""
-    return (a.astype(np.float64) * b + c).astype(np.float32)
+def _blend(a: np.ndarray, wa: np.ndarray, b: np.ndarray, wb: np.ndarray) -> np.ndarray:
+    """``fma(a, wa, b*wb)``: ``b*wb`` rounded to float32 (torch's separate product), then
+    ``a*wa + that`` rounded once (the product of two float32 is exact in float64).
+    ``a`` and ``b`` are fresh gathers and are overwritten."""
+    acc = a.astype(np.float64)
+    acc *= wa
+    b *= wb
+    acc += b
+    return acc.astype(np.float32)
 
 
 def _axis(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -23,20 +29,25 @@ def _axis(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
         i = np.arange(out_size)
         return i, i, np.ones(out_size, np.float32), np.zeros(out_size, np.float32)
     scale = np.float32(in_size) / np.float32(out_size)
-    src = _fma(np.full(out_size, scale, np.float32), np.arange(out_size, dtype=np.float32) + np.float32(0.5),
-               np.float32(-0.5))
+    src = (np.float64(scale) * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - 0.5).astype(np.float32)
     src = np.maximum(src, np.float32(0))
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
     return i0, np.minimum(i0 + 1, in_size - 1), (np.float32(1) - lam).astype(np.float32), lam
 
 
-def resize_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Resize the last two axes of float32 ``x [..., h, w]`` to ``out_hw``."""
+def resize_bilinear(x: np.ndarray, out_hw: tuple[int, int], crop_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Resize the last two axes of float32 ``x [..., h, w]`` to ``out_hw``; with ``crop_hw`` only
+    the top-left ``crop_hw`` of the result is computed (= ``resize(x, out_hw)[..., :ch, :cw]``).
+
+    Each input row is interpolated along the width once (torch does the same arithmetic per
+    output row), then the rows are blended along the height."""
     x = np.asarray(x, np.float32)
-    y0, y1, wy0, wy1 = _axis(x.shape[-2], int(out_hw[0]))
-    x0, x1, wx0, wx1 = _axis(x.shape[-1], int(out_hw[1]))
-    rows0, rows1 = x[..., y0, :], x[..., y1, :]
-    top = _fma(rows0[..., x0], wx0, rows0[..., x1] * wx1)
-    bot = _fma(rows1[..., x0], wx0, rows1[..., x1] * wx1)
-    return _fma(top, wy0[:, None], bot * wy1[:, None])
+    oh, ow = int(out_hw[0]), int(out_hw[1])
+    ch, cw = crop_hw if crop_hw is not None else (oh, ow)
+    if (oh, ow) == x.shape[-2:]:
+        return x[..., :ch, :cw].copy()
+    y0, y1, wy0, wy1 = (a[:ch] for a in _axis(x.shape[-2], oh))
+    x0, x1, wx0, wx1 = (a[:cw] for a in _axis(x.shape[-1], ow))
+    rows = _blend(np.take(x, x0, axis=-1), wx0, np.take(x, x1, axis=-1), wx1)  # [..., h, cw]
+    return _blend(np.take(rows, y0, axis=-2), wy0[:, None], np.take(rows, y1, axis=-2), wy1[:, None])

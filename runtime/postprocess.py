@@ -18,8 +18,7 @@ from .interpolate import resize_bilinear
 def upsample_maps(low: np.ndarray, input_size: tuple[int, int], original_size: tuple[int, int],
                   img_size: int) -> np.ndarray:
     """``low [k, h, w]`` -> ``[k, H, W]`` at the original size (float32)."""
-    x = resize_bilinear(low, (img_size, img_size))
-    x = x[..., : input_size[0], : input_size[1]]
+    x = resize_bilinear(low, (img_size, img_size), crop_hw=input_size)  # the padding is never computed
     return resize_bilinear(x, original_size)
 
 

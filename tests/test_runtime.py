@@ -94,7 +94,8 @@ def test_parity_with_reference(inspector, reference, record_property):
             worst_cos = min(worst_cos, *cosines(got.anchor_states, ref.anchor_states.numpy()))
         assert got.prob.shape == ref.prob.shape == (img.height, img.width)
         assert got.low_res.shape == ref.low_res.shape
-        max_dp = max(max_dp, float(np.abs(got.prob - ref.prob).max()))
+        max_dp = max(max_dp, float(np.abs(got.prob - ref.prob).max()),
+                     float(np.abs(got.p_seg - ref.p_seg).max()), float(np.abs(got.p_ano - ref.p_ano).max()))
         worst_iou = min(worst_iou, iou(got.mask, ref.mask))
         assert got.verdict == ref.verdict
         normals += not ref.verdict
@@ -106,6 +107,7 @@ def test_parity_with_reference(inspector, reference, record_property):
           f"max |dP| {max_dp:.2e}, {normals} normal / {anomalous} anomalous")
     assert worst_cos >= 0.9999
     assert worst_iou >= 0.999
+    assert max_dp < 1e-3
     assert anomalous > 0 and normals > 0
 
 
