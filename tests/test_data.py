@@ -270,3 +270,17 @@ def test_mixture_is_a_function_of_seed_and_index(tmp_path):
     assert {n for n, _ in a} == {"seg", "instruct"}
     with pytest.raises(ValueError, match="no source with a positive probability"):
         Mixture({"seg": (AnomalySource(recs, {"direct": 1.0}), 0.0)})
+
+
+def test_augment_moves_image_and_mask_together():
+    from agvas_train.data.sources import augment
+
+    arr = np.zeros((9, 7, 3), np.uint8)
+    arr[1, 5] = 255
+    mask = np.zeros((9, 7), bool)
+    mask[1, 5] = True
+    for seed in range(12):
+        im, m = augment(Image.fromarray(arr), mask, random.Random(seed))
+        a = np.asarray(im).astype(int).sum(-1)
+        assert m.sum() == 1 and a.shape == m.shape
+        assert np.unravel_index(a.argmax(), a.shape) == tuple(np.argwhere(m)[0])

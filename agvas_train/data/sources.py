@@ -39,13 +39,19 @@ class Example:
 
 
 def augment(image: Image.Image, mask: np.ndarray, rng: random.Random) -> tuple[Image.Image, np.ndarray]:
-    """Flips and 90° rotations, applied to image and mask alike (square images stay square)."""
+    """Flips and 90° rotations (image and mask alike), then photometric jitter: grayscale with
+    p = 0.25 (many line cameras are monochrome) and a random gain/offset with p = 0.5."""
     k = rng.randrange(4)
     flip = rng.random() < 0.5
     arr = np.rot90(np.asarray(image), k)
     m = np.rot90(mask, k)
     if flip:
         arr, m = arr[:, ::-1], m[:, ::-1]
+    if rng.random() < 0.25:
+        arr = np.repeat(arr.astype(np.float32) @ np.array([[0.299], [0.587], [0.114]], np.float32), 3, axis=2)
+    if rng.random() < 0.5:
+        arr = arr.astype(np.float32) * rng.uniform(0.7, 1.3) + rng.uniform(-25.0, 25.0)
+    arr = np.clip(arr, 0, 255).astype(np.uint8)
     return Image.fromarray(np.ascontiguousarray(arr)), np.ascontiguousarray(m)
 
 

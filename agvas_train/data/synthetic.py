@@ -308,8 +308,9 @@ def defect_stain(img, fg, rng):
     s = img.shape[0]
     y, x = _region_center(s, fg, rng)
     mask = _blob(s, y, x, rng.uniform(0.07, 0.15) * s, rng)
-    tint = np.array(rng.choice([[0.45, 0.3, 0.1], [0.7, 0.6, 0.2], [0.25, 0.2, 0.15]]))
-    return mask, lambda im, m: 0.25 * im[m] + 0.75 * tint
+    tint = palette(rng, 1, 0.0, 1.0)[0]  # any hue: a stain is a tinted darkening, not a colour
+    dark = rng.uniform(0.3, 0.55)
+    return mask, lambda im, m: dark * im[m] + (1 - dark) * 0.5 * tint
 
 
 def defect_contamination(img, fg, rng):
