@@ -189,8 +189,8 @@ class InspectWorker:
         n = len(batch["index"])
         errors = [str(e) for e in batch["error"]]
         todo = [i for i in range(n) if not errors[i]]
-        images = (np.frombuffer(batch["pixels"][i], np.uint8).reshape(int(batch["height"][i]), int(batch["width"][i]), 3)
-                  for i in todo)
+        images = (np.frombuffer(batch["pixels"][i], np.uint8).reshape(int(batch["height"][i]),
+                                                                      int(batch["width"][i]), 3) for i in todo)
         results, workers = [b""] * n, [""] * n  # rows that failed decoding never reached an actor
         for j, res in self.insp.stream(images, batch_size=self.batch):
             i = todo[j]

@@ -123,6 +123,34 @@ def test_configs_match_the_manifest(configs, tiny_export):  # noqa: F811
     assert models == {e: f"agvas_{e}" for e in ("vision", "sam_encoder", "spam", "agmd", "lm_head", "llm")}
 
 
+def test_a_built_tensorrt_plan_is_served_as_tensorrt_plan(tiny_export, tmp_path):  # noqa: F811
+    """Where `python -m export.tensorrt` left a plan, that engine's model is a tensorrt_plan on the
+    GPU with its optimisation profile's largest batch (the plan here is a stand-in file)."""
+    import shutil
+
+    from google.protobuf import text_format
+
+    from export.manifest import load_manifest
+    from export.triton import write_repository
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    m = load_manifest(export)
+    plan = export / m.data["gpu"]["tensorrt"]["plans"]["sam_encoder"]
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    plan.write_bytes(b"a serialized engine")
+    repo = write_repository(export, tmp_path / "repo")
+    pb2 = model_config_proto()
+    cfg = text_format.Parse((repo / "agvas_sam_encoder" / "config.pbtxt").read_text(), pb2.ModelConfig())
+    assert cfg.platform == "tensorrt_plan" and not cfg.backend and cfg.default_model_filename == "model.plan"
+    assert sorted(p.name for p in (repo / "agvas_sam_encoder" / "1").iterdir()) == ["model.plan"]
+    assert cfg.max_batch_size == m.data["gpu"]["tensorrt"]["profiles"]["sam_encoder"]["sam_input"]["max"][0]
+    assert [(g.count, kind_name(g)) for g in cfg.instance_group] == [(1, "KIND_GPU")]
+    assert [t.name for t in cfg.input] == m.input_names("sam_encoder")
+    vision = text_format.Parse((repo / "agvas_vision" / "config.pbtxt").read_text(), pb2.ModelConfig())
+    assert vision.backend == "onnxruntime"  # no plan built for it
+
+
 def test_pbtxt_writer_quotes_and_nests():
     from google.protobuf import text_format
 
@@ -182,7 +210,8 @@ def fake_pb_utils(repo: Path, configs: dict, calls: list) -> types.ModuleType:
 
     class InferenceRequest:
         def __init__(self, model_name, requested_output_names, inputs, preferred_memory=None, request_id=""):
-            self.model_name, self.outputs, self.inputs, self._id = model_name, requested_output_names, inputs, request_id
+            self.model_name, self.outputs, self.inputs = model_name, requested_output_names, inputs
+            self._id = request_id
 
         def request_id(self) -> str:
             return self._id
