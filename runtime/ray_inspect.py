@@ -166,13 +166,13 @@ class InspectWorker:
     """Ray Data actor: one :class:`runtime.Inspector` (engines loaded once); a batch of decoded
     images -> ``{index, error, result (pickled Result), worker (JSON), busy_s}`` rows."""
 
-    def __init__(self, engines: str, options: dict, batch: int, save_maps: bool) -> None:
+    def __init__(self, engines: str, options: dict, batch: int) -> None:
         import ray
 
         from .inspector import Inspector
 
         self.insp = Inspector(engines, **options)
-        self.batch, self.save_maps = batch, save_maps
+        self.batch = batch
         ctx = ray.get_runtime_context()
         with warnings.catch_warnings():  # Ray 2.60 warns from inside this property
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -182,7 +182,8 @@ class InspectWorker:
             "restarted": restarted, "providers": self.insp.engines.providers,
             "settings": {"mode": self.insp.mode, "vision_tokens": self.insp.vision_tokens,
                          "threshold": self.insp.threshold, "min_area": self.insp.min_area,
-                         "fast_path": self.insp.fast_path, "threads": self.insp.engines.threads}})
+                         "fast_path": self.insp.fast_path, "threads": self.insp.engines.threads,
+                         "spin": options.get("spin", False)}})
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
@@ -198,9 +199,7 @@ class InspectWorker:
             if isinstance(res, Exception):
                 errors[i] = _message(res)
                 continue
-            if not self.save_maps:
-                res.p_seg = res.p_ano = None  # not written: do not ship them to the driver
-            results[i] = pickle.dumps(res, protocol=5)
+            results[i] = pickle.dumps(res, protocol=5)  # P_seg/P_ano travel low-res; the driver upsamples
         busy = (time.perf_counter() - t0) / max(len(todo), 1)
         return {"index": [int(x) for x in batch["index"]], "error": errors, "result": results, "worker": workers,
                 "busy_s": [busy if w else 0.0 for w in workers]}
@@ -315,7 +314,7 @@ def _job(ray, args, address: str, engines: Path, items: list, todo: list, out, g
     options = dict(provider=args.provider, mode=args.mode, normal_sentence=args.normal_sentence,
                    vision_tokens=args.vision_tokens, threads=threads, fast_path=not args.no_fast_path,
                    threshold=args.threshold, min_area=args.min_area, engine_files=_engine_files(args.engine),
-                   verify=args.verify, max_pixels=args.max_pixels)
+                   verify=args.verify, max_pixels=args.max_pixels, spin=args.spin)
     ctx = ray.data.DataContext.get_current()
     settings = {"max_errored_blocks": -1,  # a failed batch costs its images (error rows below), not the job
                 "enable_progress_bars": False,  # the driver's tqdm bar counts written images
@@ -330,7 +329,7 @@ def _job(ray, args, address: str, engines: Path, items: list, todo: list, out, g
     ds = ds.map_batches(InspectWorker, batch_size=args.ray_batch, compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=cpus, num_gpus=gpus,
                         fn_constructor_kwargs={"engines": str(engines.resolve()), "options": options,
-                                               "batch": args.batch, "save_maps": args.save_maps})
+                                               "batch": args.batch})
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"inspect (ray, {actors} actors)", unit="img",
                dynamic_ncols=True)

@@ -1,6 +1,6 @@
 """`agvas inspect --ray` on a local Ray instance (2 CPUs) against single-process `agvas inspect`.
 
-Same verdicts, records and mask/overlay bytes; a bad image is an error row, not a failed job;
+Same verdicts, records and mask/overlay/map bytes; a bad image is an error row, not a failed job;
 `--resume` skips finished images; an actor SIGKILLed mid-run is restarted by Ray and every image
 is written exactly once. The Ray tests skip when the `ray` extra is not installed; without it,
 `--ray` is a one-line usage error.
@@ -27,7 +27,7 @@ from test_runtime import tiny_export  # noqa: F401 - the shared session export
 from agvas.cli import main
 
 N_GOOD = 30
-RAY_FLAGS = ["--threads", "1", "--ray-actors", "2", "--ray-cpus-per-actor", "0.75", "--ray-batch", "2", "--ray"]
+RAY_FLAGS = ["--save-maps", "--threads", "1", "--ray-actors", "2", "--ray-cpus-per-actor", "0.75", "--ray-batch", "2", "--ray"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,8 @@ def images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single(tiny_export, images, tmp_path_factory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("single") / "out"
-    assert main(["inspect", str(images), "--engines", str(tiny_export), "--out", str(out), "--threads", "1"]) == 1
+    assert main(["inspect", str(images), "--engines", str(tiny_export), "--out", str(out), "--threads", "1",
+                 "--save-maps"]) == 1
     return out
 
 
@@ -78,7 +79,7 @@ def assert_same_outputs(got: Path, ref: Path) -> None:
     for path, r in b.items():
         g = {k: v for k, v in a[path].items() if k not in ("timings_ms", "worker")}
         assert g == {k: v for k, v in r.items() if k != "timings_ms"}, path
-    for kind in ("masks", "overlays"):
+    for kind in ("masks", "overlays", "maps"):
         names = sorted(p.name for p in (ref / kind).iterdir())
         assert names == sorted(p.name for p in (got / kind).iterdir())
         for n in names:
