@@ -95,13 +95,14 @@ class Trainer:
         self.base = base
         self.extra = extra or {}
         self.step = 0
+        self.total = options.steps  # the schedule's length; shrinks to fit max_seconds (see run)
         configure_trainable(model)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("no trainable parameters")
         self.optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, options.warmup, options.steps))
+            self.optimizer, lambda s: lr_factor(s, options.warmup, self.total))
         if options.grad_checkpointing:
             model.llava.gradient_checkpointing_enable()
         torch.manual_seed(options.seed)
@@ -109,16 +110,17 @@ class Trainer:
     # ---- state ----------------------------------------------------------------------------
     def train_state(self) -> dict:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "options": asdict(self.opts)}
+                "torch_rng": torch.get_rng_state(), "options": asdict(self.opts), "total": self.total}
 
     def load_train_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
+        self.total = min(self.opts.steps, int(state.get("total", self.opts.steps)))
 
     def save(self, finished: bool) -> Path:
-        record = {"step": self.step, "steps": self.opts.steps, "finished": finished,
+        record = {"step": self.step, "steps": self.total, "finished": finished,
                   "mixture": self.mixture.describe(), **self.extra}
         return save_checkpoint(self.model, self.tokenizer, self.image_processor, self.out / CHECKPOINT,
                                base=self.base, extra={"training": record}, train_state=self.train_state())
@@ -145,9 +147,19 @@ class Trainer:
         self.step += 1
         return totals
 
+    def fit_to_budget(self, elapsed: float, rate: float) -> None:
+        """With ``max_seconds``: shorten the schedule so that warm-up and decay end when the time
+        budget does (at the measured steps/s), instead of stopping at a high learning rate."""
+        if self.opts.max_seconds is None or rate <= 0:
+            return
+        fit = self.step + int(rate * max(0.0, self.opts.max_seconds - elapsed))
+        if fit < self.total:
+            self.total = max(self.step + 1, fit)
+
     def run(self, progress: bool = True) -> dict:
-        """Train to ``options.steps`` (or ``max_seconds``); saves every ``save_every`` steps, at
-        the end, and on Ctrl-C (then re-raises ``KeyboardInterrupt``)."""
+        """Train to ``options.steps``, or as many as fit in ``max_seconds`` (the LR schedule is
+        re-fitted every 20 steps to the measured speed); saves every ``save_every`` steps, at the
+        end, and on Ctrl-C (then re-raises ``KeyboardInterrupt``)."""
         from tqdm import tqdm
 
         from agvas.atomic import atomic_path
@@ -163,22 +175,24 @@ class Trainer:
         ema = None
         stopped = "finished"
         try:
-            while self.step < o.steps:
+            while self.step < self.total:
                 last = self.train_step()
                 ema = last["loss"] if ema is None else 0.95 * ema + 0.05 * last["loss"]
                 elapsed = time.perf_counter() - t0
                 rate = (self.step - start_step) / max(elapsed, 1e-9)
+                if (self.step - start_step) % 20 == 0:
+                    self.fit_to_budget(elapsed, rate)
+                    bar.total = self.total
                 bar.update(1)
                 bar.set_postfix(loss=f"{ema:.3f}", steps_s=f"{rate:.2f}")
-                if self.step % o.log_every == 0 or self.step == o.steps:
+                if self.step % o.log_every == 0 or self.step == self.total:
                     rec = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], "steps_per_s": rate,
                            "elapsed_s": elapsed, **last}
                     with open(log_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                if o.save_every and self.step % o.save_every == 0 and self.step < o.steps:
+                if o.save_every and self.step % o.save_every == 0 and self.step < self.total:
                     self.save(finished=False)
-                if o.max_seconds is not None and elapsed >= o.max_seconds and self.step < o.steps:
-                    stopped = "time budget"
+                if o.max_seconds is not None and elapsed >= o.max_seconds and self.step < self.total:
                     break
         except KeyboardInterrupt:
             bar.close()
@@ -186,6 +200,8 @@ class Trainer:
             raise
         bar.close()
         elapsed = time.perf_counter() - t0
+        if self.step < o.steps:
+            stopped = f"time budget: schedule fitted to {self.step} of {o.steps} steps"
         self.extra["stopped"] = stopped
         self.save(finished=True)
         summary = {"step": self.step, "steps": o.steps, "stopped": stopped, "seconds": elapsed,

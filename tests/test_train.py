@@ -43,6 +43,21 @@ def test_lr_schedule():
     assert lr_factor(1000, 100, 1000) == 0.0
 
 
+def test_schedule_fits_the_time_budget(small_meta, tmp_path):
+    trainer = Trainer(*build_trainable(tiny()), _mixture(small_meta), _opts(steps=1000, warmup=10, max_seconds=100.0),
+                      tmp_path)
+    trainer.step = 20
+    trainer.fit_to_budget(elapsed=50.0, rate=2.0)  # 50 s left at 2 steps/s -> 100 more steps
+    assert trainer.total == 120
+    trainer.fit_to_budget(elapsed=40.0, rate=10.0)  # never grows back beyond the plan
+    assert trainer.total == 120
+    trainer.fit_to_budget(elapsed=200.0, rate=2.0)  # over budget: stop after this step
+    assert trainer.total == 21
+    unbounded = Trainer(*build_trainable(tiny()), _mixture(small_meta), _opts(steps=1000), tmp_path)
+    unbounded.fit_to_budget(elapsed=1e6, rate=0.001)
+    assert unbounded.total == 1000
+
+
 def test_few_steps_lower_the_loss(small_meta, tmp_path):
     mix = _mixture(small_meta)
     model, tok, proc = build_trainable(tiny())
