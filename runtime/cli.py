@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="OUT", help="output folder (results.jsonl, masks/, overlays/, "
                    "summary.json, report.html)")
     p.add_argument("--batch", type=int, default=1, metavar="N",
-                   help="images per LLM pass (equal-size images share one prefill); the next images are encoded "
-                        "while the LLM runs (default 1)")
+                   help="images per LLM pass (equal-size images share one prefill) and, when > 1, the next images "
+                        "are encoded in a second thread while the LLM runs (default 1: one image at a time)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue a run in OUT: skip images already done")
     g.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds results")
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     n_fail = n_anomalous = 0
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="inspect", unit="img", dynamic_ncols=True)
     try:
-        for i, res in insp.stream([it.path for it in todo], batch_size=args.batch):
+        for i, res in insp.stream([it.path for it in todo], batch_size=args.batch, overlap=args.batch > 1):
             it = todo[i]
             if isinstance(res, Exception):
                 out.write_error(it, res, _gt_label(it))
