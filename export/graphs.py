@@ -53,15 +53,19 @@ def export_module(module: torch.nn.Module, example: tuple[torch.Tensor, ...], pa
     module = module.eval()
     # the exporter narrates every step on stdout and warns about torchvision (absent by design);
     # keep the CLI's progress bar readable
-    log = logging.getLogger("torch.onnx")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, example, str(path), input_names=list(input_names), output_names=list(output_names),
-                          dynamic_shapes=shapes, opset_version=opset, dynamo=True, external_data=external,
-                          verbose=False)
-    log.setLevel(level)
+    logs = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, example, str(path), input_names=list(input_names),
+                              output_names=list(output_names), dynamic_shapes=shapes, opset_version=opset,
+                              dynamo=True, external_data=external, verbose=False)
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
     return path
 
 

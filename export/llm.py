@@ -58,9 +58,24 @@ def save_causal_lm(model: AGVAS, tokenizer, out_dir: str | Path) -> Path:
     lm.lm_head = model.lm_head
     lm.config.architectures = ["Qwen2ForCausalLM"]
     out = Path(out_dir)
-    lm.save_pretrained(str(out))
+    with _quiet_transformers():
+        lm.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return out
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No per-shard progress bars from transformers under the export's own progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def build_llm(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32", filename: str = "llm.onnx") -> Path:
@@ -81,7 +96,9 @@ def build_llm(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32", 
         env_before = os.environ.get("HF_HUB_OFFLINE")
         os.environ["HF_HUB_OFFLINE"] = "1"  # local directory only; never reach a hub
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            # the builder narrates on stdout and draws a bar per saved tensor on stderr
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                    _quiet_transformers():
                 extra = parse_extra_options(None, str(hf_dir), str(build), b_prec, b_ep, str(cache), opts)
                 create_model(None, str(hf_dir), str(build), b_prec, b_ep, str(cache), **extra)
         finally:

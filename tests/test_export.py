@@ -12,9 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import random_image
 
-from agvas_train.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
+from agvas_train.checkpoint import checkpoint_hash, load_checkpoint
 from export.manifest import ManifestError, load_manifest
 
 TOL = 1e-4  # fp32 max abs difference, every engine
@@ -27,16 +26,16 @@ def _session(path):
 
 
 @pytest.fixture(scope="module")
-def tiny_export(anchor_model, tmp_path_factory):
-    """A tiny checkpoint that answers with the anchors, and its fp32 export (target tensorrt)."""
+def tiny_export(trained_tiny_checkpoint, tmp_path_factory):
+    """The trained tiny checkpoint (answers with the anchors, decisive maps) and its fp32 export
+    (target tensorrt)."""
     from export.exporter import export_checkpoint
 
-    model, tok, proc = anchor_model
-    root = tmp_path_factory.mktemp("export")
-    ckpt = save_checkpoint(model, tok, proc, root / "ckpt")
-    export_checkpoint(ckpt, root / "exp", target="tensorrt")
-    m, tok2, proc2, _ = load_checkpoint(ckpt, merge=True)
-    return ckpt, load_manifest(root / "exp", checkpoint_sha256=checkpoint_hash(ckpt), check_io=True), m, tok2, proc2
+    ckpt = trained_tiny_checkpoint
+    out = tmp_path_factory.mktemp("export") / "exp"
+    export_checkpoint(ckpt, out, target="tensorrt")
+    model, tok, proc, _ = load_checkpoint(ckpt, merge=True)
+    return ckpt, load_manifest(out, checkpoint_sha256=checkpoint_hash(ckpt), check_io=True), model, tok, proc
 
 
 def _max_diff(a, b) -> float:
@@ -297,17 +296,30 @@ def _iou(a, b) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
+def _test_images(n: int = 20):
+    """Synthetic test images of the trained tiny model's categories: every other one normal, the
+    rest with a defect; square and non-square sizes."""
+    from PIL import Image
+
+    from agvas_train.data.synthetic import make_sample
+    from agvas_train.train import QUICK_SPEC
+
+    cats = list(QUICK_SPEC["train_categories"]) + list(QUICK_SPEC["test_categories"])
+    defects = list(QUICK_SPEC["train_defects"]) + list(QUICK_SPEC["test_defects"])
+    sizes = [(128, 128), (160, 96), (96, 144), (200, 200), (64, 64), (300, 120), (90, 90), (128, 256)]
+    for i in range(n):
+        sample = make_sample(cats[i % len(cats)], None if i % 2 == 0 else defects[i % len(defects)], 7, i)
+        yield sample.defect is None, Image.fromarray(sample.image).resize(sizes[i % len(sizes)], Image.BILINEAR)
+
+
 @pytest.mark.slow
 def test_engines_chain_matches_reference(tiny_export):
     from agvas_train.reference import ReferencePipeline
 
     _, m, model, tok, proc = tiny_export
     chain, ref = OrtChain(m, model, tok, proc), ReferencePipeline(model, tok, proc)
-    sizes = [(64, 64), (96, 64), (64, 112), (128, 128), (80, 48), (200, 90), (37, 64), (150, 150), (64, 200), (300, 120)]
-    cos, ious, n_masks = [], [], 0
-    for i in range(20):
-        w, h = sizes[i % len(sizes)]
-        img = random_image(100 + i, w, h) if i % 2 else random_image(100 + i, w, h).convert("L").convert("RGB")
+    cos, ious, verdicts = [], [], []
+    for i, (normal, img) in enumerate(_test_images(20)):
         want = ref(img)
         tokens, anchors, mask = chain(img)
         assert tokens == want.tokens, (i, tok.decode(tokens), want.text)
@@ -316,11 +328,12 @@ def test_engines_chain_matches_reference(tiny_export):
             a, b = anchors[0], want.anchor_states.numpy()
             cos += [float((x * y).sum() / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)]
             ious.append(_iou(mask, want.mask))
-            n_masks += int(want.mask.any())
-    assert cos and min(cos) >= 0.9999, min(cos)
+            verdicts.append((normal, bool(mask.any()), want.verdict))
+    assert len(ious) == 20 and min(cos) >= 0.9999, (len(ious), min(cos))
     assert min(ious) >= 0.999, min(ious)
-    print(f"\nchain vs reference on 20 images: min anchor cosine {min(cos):.7f}, min mask IoU {min(ious):.5f}, "
-          f"{len(ious)} with anchors, {n_masks} non-empty masks")
+    assert all(mine == theirs for _, mine, theirs in verdicts)
+    print(f"\nchain vs reference on 20 images ({sum(n for n, _, _ in verdicts)} normal): min anchor cosine "
+          f"{min(cos):.7f}, min mask IoU {min(ious):.5f}, {sum(v for _, v, _ in verdicts)} non-empty masks")
 
 
 def test_export_module_runs_as_console_script(tiny_export):
@@ -338,8 +351,9 @@ def test_fp16_export(tiny_export, tmp_path):
     from export.exporter import export_checkpoint
 
     ckpt, _, model, _, _ = tiny_export
-    export_checkpoint(ckpt, tmp_path / "fp16", precision="fp16")
+    export_checkpoint(ckpt, tmp_path / "fp16", precision="fp16", vision_tokens="base")
     m = load_manifest(tmp_path / "fp16", check_io=True)
+    assert m.data["vision_tokens"]["default"] == "base" and m.data["export"]["precision"] == "fp16"
     assert {e["precision"] for n, e in m.engines.items() if n != "image_newline"} == {"fp16"}
     assert m.engine("vision")["inputs"][0]["dtype"] == "float32"
     llm_in = {x["name"]: x["dtype"] for x in m.engine("llm")["inputs"]}
