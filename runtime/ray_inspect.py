@@ -12,8 +12,8 @@ The job is one streaming Ray Data pipeline::
     map_batches(InspectWorker)      an actor pool of ``runtime.Inspector`` s, engines loaded once per
                                     actor; one GPU per actor (``num_gpus=1``) for the GPU providers,
                                     else ``--ray-cpus-per-actor`` CPUs and ``--threads`` ORT threads;
-                                    inside a batch the Inspector shares prefills between equal-size
-                                    images and encodes the next image while the LLM runs
+                                    inside a Ray batch, as in ``agvas inspect --batch N``, up to N
+                                    equal-size images share a prefill (N > 1 also encodes ahead)
     driver                          writes each result with ``runtime.outputs.OutputDir`` as it
                                     arrives (mask, overlay, then its results.jsonl line), and at the
                                     end the csv, summary.json and report.html of ``runtime.report``
@@ -193,7 +193,7 @@ class InspectWorker:
         images = (np.frombuffer(batch["pixels"][i], np.uint8).reshape(int(batch["height"][i]),
                                                                       int(batch["width"][i]), 3) for i in todo)
         results, workers = [b""] * n, [""] * n  # rows that failed decoding never reached an actor
-        for j, res in self.insp.stream(images, batch_size=self.batch):
+        for j, res in self.insp.stream(images, batch_size=self.batch, overlap=self.batch > 1):  # as agvas inspect
             i = todo[j]
             workers[i] = self.worker
             if isinstance(res, Exception):
