@@ -107,6 +107,11 @@ def test_llm_prefill_and_decode_match_torch(tiny_export):
         o2 = model.language_model(inputs_embeds=y, past_key_values=o.past_key_values, use_cache=True)
         assert _max_diff(r2["hidden_states"], o2.last_hidden_state) <= TOL
         assert _max_diff(r2["logits"], model.lm_head(o2.last_hidden_state)) <= TOL
+        # several new tokens on a truncated past (batch 1): the fallback after a fast-path mismatch
+        k = 30
+        past1 = [(p[0][:1, :, :k], p[1][:1, :, :k]) for p in past]
+        r3 = dict(zip(names, sess.run(None, _llm_feed(m, x[:1, k:].numpy(), past1, s))))
+        assert _max_diff(r3["hidden_states"], o.last_hidden_state[:1, k:]) <= TOL
 
 
 def test_llm_graph_is_fused_after_ort_optimisation(tiny_export, tmp_path):
