@@ -36,10 +36,10 @@ def contour(mask: np.ndarray, thickness: int) -> np.ndarray:
 
 
 def render_overlay(image: Image.Image, prob: np.ndarray, mask: np.ndarray) -> Image.Image:
-    """Blend the heatmap over ``image`` with opacity ``0.6·P`` (normal areas stay readable) and
+    """Blend the heatmap over ``image`` with opacity ``0.5·P`` (the defect stays visible under it) and
     draw the mask contour in green, about 1/200 of the short side thick."""
     img = np.asarray(image.convert("RGB"), dtype=np.float32)
-    a = (0.6 * np.clip(prob, 0, 1))[..., None]
+    a = (0.5 * np.clip(prob, 0, 1))[..., None]
     out = img * (1 - a) + heatmap(prob).astype(np.float32) * a
     out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     if mask.any():

@@ -126,7 +126,7 @@ def render_html(summary: dict, records: list[dict], root: Path) -> str:
         img = f"<img src='{src}' alt='overlay of {e(r['name'])}'>" if src else "<img alt='(overlay missing)'>"
         parts.append(
             f"<div class='tile'><a href='{e(r['overlay'])}'>{img}</a><div class='cap'>"
-            f"<div class='name' title='{e(r['path'])}'>{e(Path(r['path']).name)}</div>"
+            f"<div class='name' title='{e(r['path'])}'>{e('/'.join(Path(r['path']).parts[-3:]))}</div>"
             f"<div class='meta'>area {r['area_pct']:.2f} % ({r['area_px']:,} px) · max score {r['max_score']:.3f}</div>"
             f"<a href='{e(r['overlay'])}'>overlay</a><a href='{e(r['mask'])}'>mask</a></div></div>")
     parts.append("</div>")
