@@ -138,13 +138,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         llm = llm_record(text_config, token_ids["vocab_size"], contrib_ops(llm_path))
 
         step("write manifest")
+        pre = _preprocessing(cfg, proc)
         data = new_manifest(
             source={"checkpoint": str(ckpt), "checkpoint_sha256": sha, "config_name": cfg.name,
                     "checkpoint_format_version": meta.get("format_version")},
             config=config_dict, token_ids=token_ids, engines=engines, llm=llm, prompt=_prompt(cfg),
-            preprocessing=_preprocessing(cfg, proc),
+            preprocessing=pre,
             vision_tokens={"default": vision_tokens, "supported": list(VISION_TOKENS),
-                           "tokens_per_crop": _preprocessing(cfg, proc)["siglip"]["tokens_per_side"] ** 2},
+                           "tokens_per_crop": pre["siglip"]["tokens_per_side"] ** 2},
             postprocess={"alpha": cfg.agmd.alpha, "threshold": cfg.agmd.threshold},
             tools=_tool_versions(), gpu={}, export={"precision": precision, "opset": opset, "target": target},
         )

@@ -17,14 +17,15 @@ config              the full AG-VAS config dict (``AGVASConfig.to_dict()``)
 token_ids           ``image``, ``anchors`` [NOR, ANO, SEG], ``eos``, ``pad``, ``vocab_size``
 engines             name -> entry (below); names in :data:`ENGINE_NAMES`
 llm                 ``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``hidden_size``,
-                    ``vocab_size``, ``positions`` ("explicit": ``position_ids`` is an input;
+                    ``vocab_size``, ``max_positions``, ``positions`` ("explicit": ``position_ids`` is an input;
                     "from_mask": positions = past length + i, derived from ``attention_mask``),
                     ``route`` (how the graph was built), ``kv`` (IO name patterns, layout,
                     dtype), ``attention_mask`` (what the mask must hold), ``logits``
                     ("last": ``llm`` returns the last position; other positions via
                     ``lm_head``), ``fused_ops`` (contrib ops present in the graph)
 prompt              ``prompt_format``, ``system_prompt``, ``image_token``, ``eos_token``,
-                    ``anchor_tokens``, ``instructions`` {mode: text}, ``direct_answer``
+                    ``anchor_tokens``, ``instructions`` {mode: text; describe_plus has a
+                    ``{normal}`` slot}, ``direct_answer``, ``max_new_tokens``
 preprocessing       ``siglip``: size, patch_size, tokens_per_side, mean, std, rescale_factor,
                     resample, image_grid_pinpoints, vision_aspect_ratio,
                     vision_feature_select_strategy; ``sam``: img_size, mean, std, grid
@@ -33,6 +34,7 @@ postprocess         ``alpha`` (P = α·P_seg + (1−α)·P_ano), ``threshold`` (
 tools               versions of the export tools (torch, transformers, onnx, onnxruntime, ...)
 gpu                 ``cuda_ep`` / ``tensorrt_ep`` provider options (fp16/int8 flags, engine cache
                     dir, calibration table name) and ``tensorrt`` (native engines, build script)
+export              ``precision``, ``opset``, ``target`` the export was made with
 calibration         filled by ``agvas calibrate`` / ``agvas quantize`` (null at export)
 accuracy_gate       filled by ``agvas quantize`` (null at export)
 ==================  ============================================================================
