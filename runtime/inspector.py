@@ -103,7 +103,8 @@ class Inspector:
     - ``engine_files``: override engine files by name, e.g. ``{"llm": "llm_int4.onnx"}``
       (relative to ``export_dir`` or absolute); IO names must match the manifest.
     - ``fast_path``: the forced-answer fast path in Direct mode (on by default).
-    - ``verify``: engine file check at load — "sha256" (default), "bytes", "none".
+    - ``verify``: engine file check at load — "bytes" (sizes; default), "sha256" (hashes every
+      file: seconds for an ov-0.5b export), "none".
     - ``threads`` (default: all cores) and ``spin`` (ONNX Runtime workers spin-wait; off: on a
       shared machine spinning costs far more than it saves).
     """
@@ -111,7 +112,7 @@ class Inspector:
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu", mode: str = "direct", *,
                  normal_sentence: str | None = None, vision_tokens: str | None = None, threads: int | None = None,
                  fast_path: bool = True, threshold: float | None = None, min_area: int = 0,
-                 max_new_tokens: int | None = None, engine_files: dict | None = None, verify: str = "sha256",
+                 max_new_tokens: int | None = None, engine_files: dict | None = None, verify: str = "bytes",
                  max_pixels: int = DEFAULT_MAX_PIXELS, spin: bool = False) -> None:
         self.manifest: Manifest = load_manifest(export_dir, verify=verify)
         m = self.manifest.data
