@@ -25,11 +25,10 @@ DIRECT_INSTRUCTIONS = (
     "Where are the {target} in this image? Please output the segmentation mask.",
     "Find the {target} in this picture and segment them.",
 )
-DIRECT_ANSWERS = (
-    "Sure, it is " + ANCHOR_PHRASE + ".",
-    "Sure, the segmentation result is " + ANCHOR_PHRASE + ".",
-    "It is " + ANCHOR_PHRASE + ".",
-)
+# One direct answer on purpose: a model trained on several answers picks any of them, and the
+# runtime's forced-answer fast path (DESIGN §4) only pays off when the answer is predictable.
+# The instructions vary; the describe / explain answers carry the textual variety.
+DIRECT_ANSWERS = ("Sure, it is " + ANCHOR_PHRASE + ".",)
 
 DESCRIBE_INSTRUCTIONS = (
     "What {target} are present in this image? Please describe the {target} and then output the segmentation map.",
