@@ -2,13 +2,15 @@
 
 generate the synthetic dataset → train `tiny` (from scratch: no pretrained weights exist for
 it) → evaluate on the held-out synthetic categories → zero-shot on the real magnetic-tile set
-when ``../shared/realdata/mtd/meta.json`` exists (never trained on) → one summary table.
+when ``../shared/realdata/mtd/meta.json`` exists (never trained on) → export the engines
+(``export/demo.py``) → calibrate and quantize behind the accuracy gate (``calibration/demo.py``) →
+inspect the held-out images with the engines only (``runtime/demo.py``, ending at
+``inspect/report.html``) → one summary table.
 
 The run is a list of named steps (:data:`STEPS`); each is a function of the shared
 :class:`Demo` context and may add rows to the summary. Later parts of the project append their
-step with one line (``STEPS.append(("export", export_step))``). A second run reuses what is
-already done: the dataset (same spec), a finished checkpoint, and evaluations of the same
-checkpoint.
+step function from their own package. A second run reuses what is already done: the dataset
+(same spec), a finished checkpoint, evaluations and the export of the same checkpoint.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def step_train(d: Demo) -> None:
         data=[str(d.meta)], split="train", general=[], vqa=[], vqa_images=None, mix=DEMO_MIX,
         instruct_modes="describe=0.4,describe_plus=0.2,explain=0.4", no_augment=False, seed=d.args.seed,
         steps=d.args.steps, batch_size=DEMO_BATCH, grad_accum=1, lr=DEMO_LR, warmup=100, weight_decay=0.0,
-        save_every=200, log_every=10, max_minutes=d.args.max_minutes, autocast=None, grad_checkpointing=False)
+        save_every=200, log_every=10, max_minutes=d.args.max_minutes, autocast=None, grad_checkpointing=False,
+        threads=d.args.threads)
     mixture = build_mixture(targs)
     opts = options_from_args(targs)
     if (d.out / CHECKPOINT / "train_state.pt").is_file() and not d.args.retrain:
@@ -157,11 +160,18 @@ def step_eval_mtd(d: Demo) -> None:
                       f"(SAA+ {100 * SAA_PLUS_MTD_F1:.1f}, empty mask {100 * b['f1_max']:.1f}) -> {d.out / 'eval_mtd.json'}")
 
 
+from calibration.demo import step_quantize  # noqa: E402  (the later stages, each in its own package)
+from export.demo import step_export  # noqa: E402
+from runtime.demo import step_inspect  # noqa: E402
+
 STEPS: list[tuple[str, Callable[[Demo], None]]] = [
     ("data", step_data),
     ("train", step_train),
     ("eval_synthetic", step_eval_synthetic),
     ("eval_mtd", step_eval_mtd),
+    ("export", step_export),
+    ("quantize", step_quantize),
+    ("inspect", step_inspect),
 ]
 
 
@@ -176,7 +186,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=15.0, help="training time budget (default 15)")
     p.add_argument("--retrain", action="store_true", help="train and evaluate again even if finished")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch threads (default: 2, or 1 when the machine is already busy)")
+    p.add_argument("--threads", type=int, help="torch threads (default: 2, or 1 while the machine is busy; re-picked during training)")
     p.add_argument("--only", action="append", help="run only these steps (repeatable): "
                    + ", ".join(n for n, _ in STEPS))
     p.add_argument("--mtd-limit", type=int, help="evaluate N MTD images (evenly spaced)")

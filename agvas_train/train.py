@@ -47,6 +47,7 @@ class TrainOptions:
     max_seconds: float | None = None  # stop (and save) after this much wall time
     autocast: str | None = None  # "bf16" / "fp16" (GPU users; CPU bf16 autocast works but is slow)
     grad_checkpointing: bool = False
+    adapt_threads: bool = False  # re-pick 1 or 2 torch threads from the load every 20 steps (CPU)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -182,6 +183,8 @@ class Trainer:
                 rate = (self.step - start_step) / max(elapsed, 1e-9)
                 if (self.step - start_step) % 20 == 0:
                     self.fit_to_budget(elapsed, rate)
+                    if o.adapt_threads:
+                        adapt_threads()
                     bar.total = self.total
                 bar.update(1)
                 bar.set_postfix(loss=f"{ema:.3f}", steps_s=f"{rate:.2f}")
@@ -282,6 +285,16 @@ def quick_train_tiny(out_dir: str | Path | None = None, steps: int = 300, seed: 
         Trainer(model, tok, proc, mixture, opts, work).run(progress=progress)
     model.eval()
     return model, tok, proc
+
+
+def adapt_threads() -> None:
+    """During training: 2 threads while nothing else competes for the cores, else 1 (the load
+    average counts this process's own running threads, so they are subtracted)."""
+    import os
+
+    cores = os.cpu_count() or 1
+    others = os.getloadavg()[0] - torch.get_num_threads()
+    torch.set_num_threads(min(2, cores) if others < 0.5 else 1)
 
 
 def set_threads(n: int | None = None) -> int:

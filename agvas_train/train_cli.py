@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     g.add_argument("--autocast", choices=["bf16", "fp16"], help="mixed precision (GPU users)")
     g.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the LLM")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: 2, or 1 when the machine is already busy)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: 2, or 1 while the machine is busy; re-picked during training)")
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -123,7 +123,7 @@ def options_from_args(args):
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, save_every=args.save_every, log_every=args.log_every, seed=args.seed,
         max_seconds=args.max_minutes * 60 if args.max_minutes else None, autocast=args.autocast,
-        grad_checkpointing=args.grad_checkpointing)
+        grad_checkpointing=args.grad_checkpointing, adapt_threads=args.threads is None)
 
 
 def run(args) -> int:

@@ -51,9 +51,11 @@ def synthetic_images(out_dir: Path, n: int, size: int, seed: int = 0) -> list[st
     return paths
 
 
-def planted_checkpoint(config: str, out: Path) -> tuple[Path, dict[str, Any]]:
-    """Random-init ``config`` (its seed) with the planted answer (:mod:`benchmarks.plant`), saved
-    as a full checkpoint. Reused when present."""
+def planted_checkpoint(config: str, out: Path, images: list[str] | None = None
+                       ) -> tuple[Path, dict[str, Any]]:
+    """Random-init ``config`` (its seed) with the planted answer (:mod:`benchmarks.plant`), probed
+    on the real visual tokens of ``images`` (at most two of them), saved as a full checkpoint.
+    Reused when present."""
     meta_path = out / "checkpoint.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -67,7 +69,13 @@ def planted_checkpoint(config: str, out: Path) -> tuple[Path, dict[str, Any]]:
 
     cfg = get_config(config)
     model, tok = build_model(cfg)
-    info = plant_answer(model, tok)
+    visuals = None
+    if images:
+        from agvas_train.reference import ReferencePipeline
+
+        pipe = ReferencePipeline(model, tok, image_processor_for(cfg))
+        visuals = [pipe.encode(pipe.prepare(p))[0] for p in images[:2]]
+    info = plant_answer(model, tok, visuals)
     info["weights"] = f"random init (seed {cfg.seed}) + planted answer circuit (benchmarks/plant.py)"
     save_checkpoint(model, tok, image_processor_for(cfg), out, extra={"bench_planted": info})
     return out, info

@@ -340,15 +340,6 @@ def plan(opts: BenchOptions, progress: Callable[[str], None]) -> tuple[list[list
     cfg_dir.mkdir(parents=True, exist_ok=True)
     log = cfg_dir / "bench.log"
     info: dict[str, Any] = {"skipped": {}, "log": str(log)}
-    if opts.checkpoint:
-        ckpt = Path(opts.checkpoint)
-        info["weights"] = f"checkpoint {ckpt}"
-    else:
-        progress("checkpoint (random init + planted answer)")
-        ckpt, planted = prepare.planted_checkpoint(opts.config, cfg_dir / "checkpoint")
-        info["weights"] = planted["weights"]
-        info["planted"] = {k: planted[k] for k in ("ok", "ratio", "layer")}
-    info["checkpoint"] = str(ckpt)
     n_img = max(opts.images, opts.batch)
     data = opts.data
     if data is None and opts.checkpoint and (Path(opts.checkpoint).parent / "data" / "meta.json").is_file():
@@ -366,6 +357,15 @@ def plan(opts: BenchOptions, progress: Callable[[str], None]) -> tuple[list[list
         size = opts.image_size or prepare.DEFAULT_IMAGE_SIZE.get(opts.config, 384)
         images = prepare.synthetic_images(cfg_dir / "images", n_img, size)
         info["images"] = {"count": n_img, "size": [size, size], "source": "synthetic (seeded)"}
+    if opts.checkpoint:
+        ckpt = Path(opts.checkpoint)
+        info["weights"] = f"checkpoint {ckpt}"
+    else:
+        progress("checkpoint (random init + planted answer)")
+        ckpt, planted = prepare.planted_checkpoint(opts.config, cfg_dir / "checkpoint", images)
+        info["weights"] = planted["weights"]
+        info["planted"] = {k: planted[k] for k in ("ok", "gain", "ratio", "layer", "probes") if k in planted}
+    info["checkpoint"] = str(ckpt)
     one = images[: opts.images]
 
     vt_ref = ["loop-b1-anyres"] + (["loop-b1-base"] if opts.base_tokens else [])

@@ -222,38 +222,83 @@ def quantize_int8_dynamic(src: str | os.PathLike, dst: str | os.PathLike, *,
                    excluded_nodes=sorted(exclude))
 
 
+def weight_op_ranges(model_path: str | os.PathLike, reader, nodes: Iterable[str], symmetric: bool):
+    """Min/max ranges of the activation input and the output of each node in ``nodes`` over all
+    samples of ``reader``, one sample at a time (ORT's own calibrator records every tensor of the
+    chosen op types — for SAM's global attention that is gigabytes per sample, the activation x
+    activation MatMuls included). Returns ORT's ``TensorsData`` (MinMax)."""
+    import tempfile
+
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
+
+    model = onnx.load(str(model_path))
+    wanted = set(nodes)
+    names: list[str] = []
+    for n in model.graph.node:
+        if n.name in wanted:
+            names += [t for t in (n.input[0], n.output[0]) if t not in names]
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in names if t not in have)
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(dir=Path(model_path).parent, prefix=".ranges.") as tmp:
+        save_onnx(model, Path(tmp) / "augmented.onnx")
+        del model
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(Path(tmp) / "augmented.onnx"), so, providers=["CPUExecutionProvider"])
+        inputs = [a.name for a in sess.get_inputs()]
+        for feeds in reader:
+            for t, v in zip(names, sess.run(names, {k: feeds[k] for k in inputs})):
+                lo[t] = min(lo.get(t, np.inf), float(v.min()))
+                hi[t] = max(hi.get(t, -np.inf), float(v.max()))
+        del sess
+    ranges = {}
+    for t in names:
+        a, b = lo[t], hi[t]
+        if symmetric:
+            a, b = -max(abs(a), abs(b)), max(abs(a), abs(b))
+        ranges[t] = (np.array(a, np.float32), np.array(b, np.float32))
+    return TensorsData(CalibrationMethod.MinMax, ranges)
+
+
 def quantize_int8_static(src: str | os.PathLike, dst: str | os.PathLike, reader, *, symmetric: bool,
                          method: str = "minmax", exclude: Iterable[str] = ()) -> dict[str, Any]:
     """``quantize_static`` QDQ: per-channel int8 weights on MatMul(const)/Gemm/Conv/ConvTranspose,
-    int8 activations calibrated on the captured inputs (symmetric for TensorRT / CUDA)."""
+    int8 activations calibrated on the captured inputs (symmetric for TensorRT / CUDA). MinMax ranges
+    come from :func:`weight_op_ranges` (bounded memory) through ORT's calibration cache; entropy and
+    percentile use ORT's calibrator."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in STATIC_METHODS:
         raise ValueError(f"static calibration method must be one of {STATIC_METHODS}, got {method!r}")
     src, dst, t0 = Path(src), Path(dst), time.perf_counter()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    model = onnx.load(str(src), load_external_data=False)
-    exclude = set(exclude)
-    ops = ("MatMul", "Gemm", "Conv", "ConvTranspose")
-    nodes = [n for n, _ in weight_matmuls(model, ops) if n not in exclude]
-    del model
     big = bool(_ext(src))
     pre = dst.with_name(dst.stem + ".pre.onnx")
+    cache = dst.with_name(dst.stem + ".ranges.json")
+    ops = ("MatMul", "Gemm", "Conv", "ConvTranspose")
     try:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=big)
+        exclude = set(exclude)
+        nodes = [n for n, _ in weight_matmuls(onnx.load(str(pre), load_external_data=False), ops) if n not in exclude]
+        if method == "minmax":
+            save_tensors_data(weight_op_ranges(pre, reader, nodes, symmetric), cache)
         quantize_static(
-            str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_quantize=nodes,
-            op_types_to_quantize=list(ops),  # the calibrator then records only these ops' tensors
+            str(pre), str(dst), None if method == "minmax" else reader, quant_format=QuantFormat.QDQ,
+            per_channel=True, nodes_to_quantize=nodes, op_types_to_quantize=list(ops),
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                               "percentile": CalibrationMethod.Percentile}[method],
-            use_external_data_format=big,
-            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
-                           "CalibStridedMinMax": 1 if method == "minmax" else None},  # one sample at a time
+            use_external_data_format=big, calibration_cache_path=str(cache) if method == "minmax" else None,
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
         )
     finally:
-        for p in (pre, pre.with_name(pre.name + ".data")):
+        for p in (pre, pre.with_name(pre.name + ".data"), cache):
             p.unlink(missing_ok=True)
     files = [dst] + [dst.parent / f for f in _ext(dst)]
     return _record("quantize_static QDQ int8 per-channel", src, files, t0, quantized_nodes=len(nodes),

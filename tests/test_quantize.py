@@ -1,4 +1,4 @@
-"""`agvas calibrate` + `agvas quantize` on a tiny export whose model emits the anchors: capture,
+"""`agvas calibrate` + `agvas quantize` on the trained tiny model's export: capture,
 every quantized format in ORT CPU, the accuracy gate on identical / damaged engines, `--auto`,
 and the written export loading in the runtime."""
 
@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import random_image
 
 from agvas.cli import main
 from calibration.gate import Budget, snr_db
@@ -21,18 +20,23 @@ N_CAL, N_HELD = 6, 3
 
 
 @pytest.fixture(scope="module")
-def calibrated(anchor_model, tmp_path_factory):
-    """(fp32 export dir, calibration dir, images dir) made through the CLI."""
-    from agvas_train.checkpoint import save_checkpoint
+def calibrated(trained_tiny_checkpoint, tmp_path_factory):
+    """(fp32 export dir, calibration dir, images dir) of the shared trained tiny model, made through
+    the CLI; images: synthetic parts of its training categories, every other one with a defect."""
+    from PIL import Image
+
+    from agvas_train.data.synthetic import make_sample
+    from agvas_train.train import QUICK_SPEC
     from export.exporter import export_checkpoint
 
-    model, tok, proc = anchor_model
     root = tmp_path_factory.mktemp("quant")
-    export_checkpoint(save_checkpoint(model, tok, proc, root / "ckpt"), root / "exp")
+    export_checkpoint(trained_tiny_checkpoint, root / "exp")
     images = root / "images"
     images.mkdir()
+    cats, defects = QUICK_SPEC["train_categories"], QUICK_SPEC["train_defects"]
     for i in range(N_CAL + N_HELD):
-        random_image(500 + i, 64 + 16 * (i % 3), 64 + 8 * (i % 4)).save(images / f"part{i:02d}.png")
+        s = make_sample(cats[i % len(cats)], defects[i % len(defects)] if i % 2 else None, seed=11, index=200 + i)
+        Image.fromarray(s.image).resize((96 + 16 * (i % 3), 96), Image.BILINEAR).save(images / f"part{i:02d}.png")
     assert main(["calibrate", "--engines", str(root / "exp"), "--images", str(images), "--out", str(root / "cal"),
                  "-n", str(N_CAL), "--held-out", str(N_HELD), "--no-progress"]) == 0
     return root / "exp", root / "cal", images
