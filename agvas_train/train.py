@@ -149,13 +149,13 @@ class Trainer:
         return totals
 
     def fit_to_budget(self, elapsed: float, rate: float) -> None:
-        """With ``max_seconds``: shorten the schedule so that warm-up and decay end when the time
-        budget does (at the measured steps/s), instead of stopping at a high learning rate."""
+        """With ``max_seconds``: fit the schedule's length (at most ``steps``) so that warm-up and
+        decay end when the time budget does, at the measured steps/s, instead of stopping at a high
+        learning rate. Re-fitted as the speed changes (a machine that gets busy, then quiet again)."""
         if self.opts.max_seconds is None or rate <= 0:
             return
         fit = self.step + int(rate * max(0.0, self.opts.max_seconds - elapsed))
-        if fit < self.total:
-            self.total = max(self.step + 1, fit)
+        self.total = max(self.step + 1, min(self.opts.steps, fit))
 
     def run(self, progress: bool = True) -> dict:
         """Train to ``options.steps``, or as many as fit in ``max_seconds`` (the LR schedule is

@@ -49,8 +49,10 @@ def test_schedule_fits_the_time_budget(small_meta, tmp_path):
     trainer.step = 20
     trainer.fit_to_budget(elapsed=50.0, rate=2.0)  # 50 s left at 2 steps/s -> 100 more steps
     assert trainer.total == 120
-    trainer.fit_to_budget(elapsed=40.0, rate=10.0)  # never grows back beyond the plan
-    assert trainer.total == 120
+    trainer.fit_to_budget(elapsed=40.0, rate=10.0)  # faster now: grows back (60 s left at 10 steps/s)
+    assert trainer.total == 620
+    trainer.fit_to_budget(elapsed=0.0, rate=100.0)  # never beyond the planned steps
+    assert trainer.total == 1000
     trainer.fit_to_budget(elapsed=200.0, rate=2.0)  # over budget: stop after this step
     assert trainer.total == 21
     unbounded = Trainer(*build_trainable(tiny()), _mixture(small_meta), _opts(steps=1000), tmp_path)
