@@ -37,4 +37,5 @@ def step_inspect(d) -> None:
         if isinstance(m, dict) and m.get("iou_ano") is not None:
             iou = f", IoU_ano {100 * m['iou_ano']:.1f}, IoU_nor {100 * m['iou_nor']:.1f}"
     d.row("inspect", f"{engines.name}: {c['images']} held-out images, {c['anomalous']} anomalous, {c['failed']} failed"
-                     f"{iou}; {lat.get('p50', 0):.1f} ms/image p50 (exit {code}) -> {out / 'report.html'}")
+                     f"{iou}; p50 {lat.get('p50_ms') or 0:.1f} ms/image, {s['run'].get('images_per_s') or 0:.1f} images/s "
+                     f"(exit {code}) -> {out / 'report.html'}")

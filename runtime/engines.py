@@ -67,7 +67,7 @@ class Engine:
     (fp16 engines take float32 arrays) and returns float32 outputs by name."""
 
     def __init__(self, name: str, path: Path, providers: list, threads: int, manifest: Manifest | None,
-                 spin: bool = False) -> None:
+                 spin: bool = False, arena: bool = True) -> None:
         import onnxruntime as ort
 
         if not path.is_file():
@@ -82,6 +82,9 @@ class Engine:
         # overlapped stages of Inspector.stream), steal the cores the other threads need: measured
         # 20x slower for tiny on a loaded 2-core box. Off unless asked for.
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        # the CPU arena keeps each session's peak activation memory for reuse: with seven sessions
+        # the process holds the sum of their peaks. Off: buffers go back to the OS after each run.
+        so.enable_cpu_mem_arena = arena
         self.name, self.path = name, path
         self.session = ort.InferenceSession(str(path), so, providers=providers)
         want = providers[0] if isinstance(providers[0], str) else providers[0][0]
@@ -199,10 +202,11 @@ class LLM:
 class Engines:
     """All engines of an export. ``files`` overrides engine files by name (e.g. a quantized
     ``{"llm": "llm_int4.onnx"}``); an override's IO is checked against the manifest by name.
-    ``spin``: let ONNX Runtime's intra-op workers spin-wait (see :class:`Engine`)."""
+    ``spin``: let ONNX Runtime's intra-op workers spin-wait; ``arena``: ORT's CPU memory arena
+    (see :class:`Engine`)."""
 
     def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int | None = None,
-                 files: dict[str, str | os.PathLike] | None = None, spin: bool = False) -> None:
+                 files: dict[str, str | os.PathLike] | None = None, spin: bool = False, arena: bool = True) -> None:
         self.manifest = manifest
         self.provider = provider
         self.threads = threads or default_threads()
@@ -216,7 +220,7 @@ class Engines:
         def onnx(name: str) -> Engine:
             path = self._path(name, files)
             return Engine(name, path, ort_providers(ep, name, manifest), self.threads,
-                          manifest if name not in files else None, spin)
+                          manifest if name not in files else None, spin, arena)
 
         if provider == "tensorrt-native":
             plans = (manifest.data.get("gpu") or {}).get("tensorrt", {}).get("plans", {})

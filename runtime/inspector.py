@@ -107,13 +107,15 @@ class Inspector:
       file: seconds for an ov-0.5b export), "none".
     - ``threads`` (default: all cores) and ``spin`` (ONNX Runtime workers spin-wait; off: on a
       shared machine spinning costs far more than it saves).
+    - ``arena``: ONNX Runtime's CPU memory arena (on: every session keeps its peak activation
+      buffers; off: lower peak RSS for large models).
     """
 
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu", mode: str = "direct", *,
                  normal_sentence: str | None = None, vision_tokens: str | None = None, threads: int | None = None,
                  fast_path: bool = True, threshold: float | None = None, min_area: int = 0,
                  max_new_tokens: int | None = None, engine_files: dict | None = None, verify: str = "bytes",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, spin: bool = False) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, spin: bool = False, arena: bool = True) -> None:
         self.manifest: Manifest = load_manifest(export_dir, verify=verify)
         m = self.manifest.data
         self.mode = normalize_mode(mode)
@@ -123,7 +125,7 @@ class Inspector:
         if self.vision_tokens not in vt["supported"]:
             raise ValueError(f"--vision-tokens {self.vision_tokens!r}: the export {export_dir} supports "
                              f"{vt['supported']}")
-        self.engines = Engines(self.manifest, provider, threads, engine_files, spin)
+        self.engines = Engines(self.manifest, provider, threads, engine_files, spin, arena)
         self.prompt = Prompt(m["prompt"], Path(export_dir) / "tokenizer")
         self.pre_ids, self.post_ids = self.prompt.split_ids(self.mode, normal_sentence)  # validates the mode now
         self.siglip = SiglipParams.from_manifest(m["preprocessing"]["siglip"])
@@ -168,7 +170,12 @@ class Inspector:
         return _Encoded(img, visual, pix, input_size, t)
 
     def generate(self, batch: list[_Encoded]) -> list[Generation]:
-        """Prefill + decode for encodings of equal visual length (one batched LLM pass)."""
+        """Prefill + decode for encodings of equal visual length: one batched LLM pass on GPU
+        providers; on CPU one row after the other (the same results: ONNX Runtime's CPU
+        GroupQueryAttention gains nothing from a batch, and a long batched prefill was measured
+        many times slower than the rows one by one at ov-0.5b dims)."""
+        if len(batch) > 1 and self.engines.provider == "cpu":
+            return [g for b in batch for g in self.generate([b])]
         e = self.engines
         visual = np.stack([b.visual for b in batch])
         embeds = embed_prompt(e.embed_tokens, self.pre_ids, visual, self.post_ids)
