@@ -94,6 +94,7 @@ class BLSEngines:
 
     def __init__(self, manifest: Manifest, models: dict[str, str]) -> None:
         self.manifest, self.threads = manifest, None
+        self.batch_llm = True  # the Triton llm model takes the whole group in one request
         self.vision, self.sam_encoder, self.spam, self.agmd, self.lm_head = (
             BLSEngine(models[n], manifest.engine(n)) for n in ("vision", "sam_encoder", "spam", "agmd", "lm_head"))
         self.llm = BLSLLM(BLSEngine(models["llm"], manifest.engine("llm")), manifest.llm)

@@ -314,7 +314,7 @@ def _job(ray, args, address: str, engines: Path, items: list, todo: list, out, g
     options = dict(provider=args.provider, mode=args.mode, normal_sentence=args.normal_sentence,
                    vision_tokens=args.vision_tokens, threads=threads, fast_path=not args.no_fast_path,
                    threshold=args.threshold, min_area=args.min_area, engine_files=_engine_files(args.engine),
-                   verify=args.verify, max_pixels=args.max_pixels, spin=args.spin)
+                   verify=args.verify, max_pixels=args.max_pixels, spin=args.spin, arena=args.arena)
     ctx = ray.data.DataContext.get_current()
     settings = {"max_errored_blocks": -1,  # a failed batch costs its images (error rows below), not the job
                 "enable_progress_bars": False,  # the driver's tqdm bar counts written images
