@@ -21,6 +21,7 @@ evaluation code takes either.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -41,6 +42,8 @@ from .packing import pack_features
 from .postprocess import decide, upsample_maps
 from .preprocess import SamParams, SiglipParams, sam_input, siglip_crops
 from .prompt import Prompt, embed_prompt, normalize_mode
+
+log = logging.getLogger(__name__)
 
 STAGES = ("preprocess", "vision", "sam_encoder", "spam", "prefill", "decode", "agmd", "postprocess")
 AGGREGATES = {"encode": ("vision", "sam_encoder", "spam"), "llm": ("prefill", "decode"),
@@ -288,7 +291,10 @@ class Inspector:
             if len(group) == 1:
                 yield group[0][0], e
                 return
-            for g in group:  # isolate the failing image
+            # isolate the failing image; say so, so that a batch-path bug does not pass unseen
+            log.warning("LLM pass over %d images failed (%s: %s); running them one by one",
+                        len(group), type(e).__name__, e)
+            for g in group:
                 yield from self._run_group([g])
             return
         for (i, enc), gen in zip(group, gens):
