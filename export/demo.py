@@ -5,9 +5,6 @@ A second run reuses an export made from the same checkpoint (the manifest record
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 EXPORT_DIR = "export"
 
 
@@ -16,20 +13,20 @@ def step_export(d) -> None:
     from agvas_train.checkpoint import checkpoint_hash
 
     from .exporter import export_checkpoint
+    from .manifest import ManifestError, load_manifest
 
     out = d.out / EXPORT_DIR
     digest = checkpoint_hash(d.checkpoint)
-    manifest = out / "manifest.json"
     reused = False
-    if manifest.is_file() and not d.args.retrain:
-        try:
-            reused = json.loads(manifest.read_text())["source"]["checkpoint_sha256"] == digest
-        except (ValueError, KeyError):
-            reused = False
+    if not d.args.retrain:
+        try:  # an intact export of this very checkpoint
+            manifest = load_manifest(out, checkpoint_sha256=digest, verify="bytes")
+            reused = True
+        except (FileNotFoundError, ManifestError):
+            pass
     if not reused:
         export_checkpoint(d.checkpoint, out, overwrite=True)
-    m = json.loads(manifest.read_text())
-    files = sorted({p for p in out.rglob("*") if p.is_file()})
-    size = sum(p.stat().st_size for p in files)
-    d.row("export", f"{'reused ' if reused else ''}{len(m['engines'])} engines "
-                    f"({', '.join(m['engines'])}), {size / 1e6:.1f} MB -> {manifest}")
+        manifest = load_manifest(out, verify="none")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    d.row("export", f"{'reused ' if reused else ''}{len(manifest.engines)} engines "
+                    f"({', '.join(manifest.engines)}), {size / 1e6:.1f} MB -> {out / 'manifest.json'}")

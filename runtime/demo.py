@@ -31,11 +31,8 @@ def step_inspect(d) -> None:
     code = main(argv)
     s = json.loads((out / "summary.json").read_text())
     c, lat = s["counts"], s["latency_ms"]["total"]
-    iou = ""
-    if s.get("metrics"):
-        m = s["metrics"].get("mean", s["metrics"])
-        if isinstance(m, dict) and m.get("iou_ano") is not None:
-            iou = f", IoU_ano {100 * m['iou_ano']:.1f}, IoU_nor {100 * m['iou_nor']:.1f}"
+    m = (s.get("metrics") or {}).get("mean") or {}  # ground truth: the meta.json's test split
+    iou = "" if m.get("iou_ano") is None else f", IoU_ano {100 * m['iou_ano']:.1f}, IoU_nor {100 * m['iou_nor']:.1f}"
     d.row("inspect", f"{engines.name}: {c['images']} held-out images, {c['anomalous']} anomalous, {c['failed']} failed"
                      f"{iou}; p50 {lat.get('p50_ms') or 0:.1f} ms/image, {s['run'].get('images_per_s') or 0:.1f} images/s "
                      f"(exit {code}) -> {out / 'report.html'}")
