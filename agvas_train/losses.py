@@ -1,11 +1,23 @@
 """AG-VAS training losses (paper §3.2, DESIGN §2.9).
 
 ``L = L_text + Σ_{c ∈ {NOR, ANO, SEG}} (w_bce·BCE(m_c, g_c) + w_dice·Dice(m_c, g_c))``,
-w_bce = 0.5, w_dice = 2.0. The text loss is token cross-entropy over every answer token
-(anchors and EOS included). Each anchor's mask logit map is supervised through a sigmoid, as in
-LISA: g_ANO = g_SEG = the anomaly mask, g_NOR = its complement. A channel is only supervised
-for the samples that carry it (relative anchors from anomaly data only; general segmentation
-supervises [SEG] only; VQA none); each channel's loss is the mean over those samples.
+by default w_bce = 0.5 and w_dice = 2.0 (the paper's text read in order; LISA's code uses 2.0 /
+0.5 — both are options of ``agvas train``). The text loss is token cross-entropy over every answer
+token (anchors and EOS included).
+
+The maps are supervised as inference reads them (DESIGN §2.8): [SEG] through a sigmoid,
+the relative anchors through the **softmax over [m_nor, m_ano]** — ``P_ano = σ(m_ano − m_nor)``
+against the anomaly mask and ``P_nor = σ(m_nor − m_ano)`` against its complement — so the map
+that inference thresholds is the one trained. A channel is supervised only for the samples that
+carry it (relative anchors from anomaly data only; general segmentation supervises [SEG] only;
+VQA none).
+
+**Per-sample normalisation.** Every loss is first a per-sample value (text CE = mean over that
+sample's answer tokens; mask loss = the sum over its supervised channels) and a batch's loss is
+the sum over its samples divided by the *global* batch (per device × devices × accumulation).
+That makes the gradient independent of how the global batch is split into micro-batches,
+image-size groups and processes: 2 processes with batch b give the gradient of 1 process with
+batch 2b (tests/test_distributed_train.py).
 """
 
 from __future__ import annotations
@@ -17,16 +29,29 @@ W_BCE = 0.5
 W_DICE = 2.0
 DICE_SMOOTH = 1.0
 IGNORE = -100
+CHANNELS = ("nor", "ano", "seg")
 
 
-def text_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
-    """Next-token CE over the answer: the hidden state at position t predicts ``labels`` at t+1
-    (labels are the input ids with ``IGNORE`` outside the answer). The LM head runs only at
-    those positions (a 152k-word head over ~7k visual positions would not fit)."""
+def text_loss_per_sample(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+    """Next-token CE over the answer, per sample ``[B]``: the hidden state at position t predicts
+    ``labels`` at t+1 (labels are the input ids with ``IGNORE`` outside the answer); a sample
+    without answer tokens gives 0. The LM head runs only at the answer positions (a 152k-word
+    head over ~7k visual positions would not fit)."""
     target = labels[:, 1:]
     keep = target != IGNORE
     logits = lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), target[keep])
+    ce = F.cross_entropy(logits.float(), target[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    per = torch.zeros(labels.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
+    count = keep.sum(1).clamp(min=1).to(ce.dtype)
+    return per / count
+
+
+def text_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+    """Token-mean CE over all answer tokens of the batch (diagnostics and single-sample use)."""
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    return F.cross_entropy(lm_head(hidden[:, :-1][keep]).float(), target[keep])
 
 
 def bce_per_mask(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -42,21 +67,47 @@ def dice_per_mask(logits: torch.Tensor, target: torch.Tensor, smooth: float = DI
     return 1.0 - (2.0 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
 
 
-def segmentation_loss(mask_logits: torch.Tensor, target: torch.Tensor, supervise: torch.Tensor,
-                      w_bce: float = W_BCE, w_dice: float = W_DICE) -> tuple[torch.Tensor, dict[str, float]]:
+def channel_logits(mask_logits: torch.Tensor) -> torch.Tensor:
+    """``[B,3,h,w]`` (m_nor, m_ano, m_seg) -> the logits of the maps inference reads:
+    ``(m_nor − m_ano, m_ano − m_nor, m_seg)``, i.e. σ of each is P_nor, P_ano (the softmax over
+    [m_nor, m_ano]) and P_seg."""
+    m = mask_logits.float()
+    d = m[:, 1] - m[:, 0]
+    return torch.stack([-d, d, m[:, 2]], dim=1)
+
+
+def segmentation_loss_per_sample(mask_logits: torch.Tensor, target: torch.Tensor, supervise: torch.Tensor,
+                                 w_bce: float = W_BCE, w_dice: float = W_DICE
+                                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``mask_logits [B,3,h,w]`` (NOR, ANO, SEG), anomaly ``target [B,h,w]`` in {0,1},
-    ``supervise [B,3]`` bool. Returns the summed loss and its per-channel parts."""
+    ``supervise [B,3]`` bool. Returns the per-sample loss ``[B]`` (sum over the supervised
+    channels) and, per channel, the per-sample values (0 where not supervised)."""
+    logits = channel_logits(mask_logits)
     targets = (1.0 - target, target, target)
-    total = mask_logits.new_zeros((), dtype=torch.float32)
-    parts: dict[str, float] = {}
-    for c, name in enumerate(("nor", "ano", "seg")):
-        rows = supervise[:, c]
+    total = logits.new_zeros(logits.shape[0])
+    parts: dict[str, torch.Tensor] = {}
+    for c, name in enumerate(CHANNELS):
+        rows = supervise[:, c].to(total.dtype)
         if not bool(rows.any()):
             continue
-        lg, tg = mask_logits[rows, c], targets[c][rows]
-        loss_c = w_bce * bce_per_mask(lg, tg).mean() + w_dice * dice_per_mask(lg, tg).mean()
-        parts[name] = float(loss_c.detach())
-        total = total + loss_c
+        loss_c = w_bce * bce_per_mask(logits[:, c], targets[c]) + w_dice * dice_per_mask(logits[:, c], targets[c])
+        parts[name] = loss_c * rows
+        total = total + parts[name]
+    return total, parts
+
+
+def segmentation_loss(mask_logits: torch.Tensor, target: torch.Tensor, supervise: torch.Tensor,
+                      w_bce: float = W_BCE, w_dice: float = W_DICE) -> tuple[torch.Tensor, dict[str, float]]:
+    """Batch view of :func:`segmentation_loss_per_sample`: the sum over channels of each
+    channel's mean over the samples that carry it, and those means."""
+    _, per = segmentation_loss_per_sample(mask_logits, target, supervise, w_bce, w_dice)
+    total = mask_logits.new_zeros((), dtype=torch.float32)
+    parts: dict[str, float] = {}
+    for c, name in enumerate(CHANNELS):
+        if name in per:
+            mean = per[name].sum() / supervise[:, c].sum()
+            parts[name] = float(mean.detach())
+            total = total + mean
     return total, parts
 
 

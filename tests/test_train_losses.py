@@ -70,3 +70,40 @@ def test_mask_logits_to_input_frame():
     out = mask_logits_at_input(low, 8, (8, 6))
     assert out.shape == (1, 3, 8, 6)
     assert float(out[0, 0, 0, 0]) == pytest.approx(1.0) and float(out[0, 0, 7, 5]) == pytest.approx(0.0)
+
+
+def test_relative_anchors_trained_on_the_softmax_inference_reads():
+    """[NOR]/[ANO] are supervised through softmax([m_nor, m_ano]) (what inference thresholds):
+    shifting both logits together changes nothing; [SEG] stays a sigmoid."""
+    from agvas_train.losses import channel_logits, segmentation_loss_per_sample
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(2, 3, 4, 4, generator=g)
+    target = (torch.rand(2, 4, 4, generator=g) > 0.5).float()
+    sup = torch.tensor([[True, True, True], [False, False, True]])
+    p_ano = torch.softmax(m[:, :2], dim=1)[:, 1]
+    assert torch.allclose(torch.sigmoid(channel_logits(m)[:, 1]), p_ano, atol=1e-6)
+    assert torch.allclose(torch.sigmoid(channel_logits(m)[:, 0]), 1 - p_ano, atol=1e-6)
+    shifted = m.clone()
+    shifted[:, :2] += 3.0
+    a, pa = segmentation_loss_per_sample(m, target, sup)
+    b, pb = segmentation_loss_per_sample(shifted, target, sup)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(pa["ano"], pb["ano"], atol=1e-5)
+    assert float(pa["nor"][1]) == 0.0 and float(pa["ano"][1]) == 0.0 and float(pa["seg"][1]) > 0  # [SEG] only
+    # per-sample losses are the sum over the supervised channels
+    assert torch.allclose(a, pa["nor"] + pa["ano"] + pa["seg"])
+    # configurable weights (LISA's code: 2.0 BCE / 0.5 Dice)
+    c, _ = segmentation_loss_per_sample(m, target, sup, w_bce=2.0, w_dice=0.5)
+    assert not torch.allclose(a, c)
+
+
+def test_text_loss_per_sample_is_each_samples_token_mean():
+    from agvas_train.losses import text_loss_per_sample
+
+    v = 5
+    logits = torch.zeros(2, 4, v)
+    logits[0, 1, 3] = 30.0
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 1], [IGNORE, IGNORE, IGNORE, IGNORE]])
+    per = text_loss_per_sample(logits, labels, torch.nn.Identity())
+    assert float(per[0]) == pytest.approx(math.log(v) / 2, rel=1e-4)  # one token right, one uniform
+    assert float(per[1]) == 0.0  # no answer tokens
