@@ -29,10 +29,29 @@ def prompt_text(cfg, instruction: str) -> str:
     return cfg.prompt_format.format(system=cfg.system_prompt, image=cfg.image_token, instruction=instruction)
 
 
+def followup_text(cfg, instruction: str) -> str:
+    """The text after an assistant answer's EOS that opens the next turn (no image) and its
+    assistant reply: for Qwen2 ``"\n<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"``,
+    i.e. the user/assistant part of ``cfg.prompt_format`` preceded by what follows the system
+    turn's EOS."""
+    fmt = cfg.prompt_format
+    end_sys = fmt.index("{system}") + len("{system}")
+    user = fmt.index("\n", end_sys) + 1
+    sep = fmt[end_sys:user].replace(cfg.eos_token, "", 1)
+    turn = fmt[user:].replace("{image}\n", "").replace("{image}", "")
+    if cfg.image_token in instruction:
+        raise ValueError(f"instruction must not contain the image token {cfg.image_token!r}")
+    return sep + turn.format(instruction=instruction)
+
+
 def prompt_ids(tokenizer, model: AGVAS, instruction: str, n_visual: int, answer: str | None = None) -> list[int]:
     """Token ids of the prompt with the image placeholder expanded to ``n_visual`` (=2N) positions;
     ``answer`` (teacher forcing / forced answer) is appended as plain text."""
-    text = prompt_text(model.cfg, instruction) + (answer or "")
+    return text_ids(tokenizer, model, prompt_text(model.cfg, instruction) + (answer or ""), n_visual)
+
+
+def text_ids(tokenizer, model: AGVAS, text: str, n_visual: int) -> list[int]:
+    """Token ids of a chat ``text`` holding one image placeholder, expanded to ``n_visual``."""
     ids = tokenizer.encode(text, add_special_tokens=False)
     at = [i for i, t in enumerate(ids) if t == model.ids.image]
     if len(at) != 1:

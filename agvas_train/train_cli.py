@@ -18,6 +18,7 @@ from agvas.cli import CLIError
 
 from .config import CONFIGS
 from .data.mixture import PAPER_MIX
+from .data.sources import SubDatasets
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,12 +30,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data (at least one source)")
     d.add_argument("--data", action="append", default=[], help="anomaly meta.json or MVTec-layout folder (repeatable): Anomaly-Seg and "
                    "Anomaly-Instruct samples from its --split")
+    d.add_argument("--seg", action="append", default=[], metavar="DATA",
+                   help="anomaly data for Anomaly-Seg only (direct segmentation; repeatable)")
+    d.add_argument("--instruct", action="append", default=[], metavar="DATA",
+                   help="anomaly data for Anomaly-Instruct only (describe / explain; repeatable)")
     d.add_argument("--split", default="train", choices=["train", "test", "all"],
-                   help="split of --data to train on (default train; auxiliary sets like VisA: test)")
+                   help="split of --data/--seg/--instruct to train on (default train; auxiliary sets like VisA: test)")
     d.add_argument("--general", action="append", default=[], help="general segmentation JSON list "
                    "[{image, mask, phrase}] (repeatable)")
-    d.add_argument("--vqa", action="append", default=[], help="LLaVA-style conversation JSON (repeatable)")
-    d.add_argument("--vqa-images", help="image root for --vqa (default: the JSON's folder)")
+    d.add_argument("--refer", action="append", default=[], metavar="NAME=ROOT",
+                   help="referring segmentation in the REFER layout, NAME in refcoco, refcoco+, refcocog, refclef; ROOT "
+                   "holds NAME/refs(*).p + instances.json (train split only; repeatable)")
+    d.add_argument("--refer-images", action="append", default=[], metavar="[NAME=]DIR",
+                   help="COCO train2014 folder for refcoco* (NAME=DIR for one dataset, e.g. refclef=saiapr_tc-12; "
+                   "default ROOT/images/mscoco/images/train2014, ROOT/images/saiapr_tc-12)")
+    d.add_argument("--sem-seg", action="append", default=[], metavar="NAME=ROOT",
+                   help="semantic / part segmentation, NAME in ade20k, cocostuff, pascal_part, paco_lvis, partimagenet "
+                   "(repeatable; layouts in agvas_train/data/semseg.py)")
+    d.add_argument("--sem-seg-images", action="append", default=[], metavar="NAME=DIR",
+                   help="image folder of one --sem-seg dataset (e.g. cocostuff=coco/train2017)")
+    d.add_argument("--general-weights", metavar="NAME=W,...",
+                   help="sub-dataset weights inside the general source (default uniform over the datasets, as LISA), "
+                   "e.g. 'ade20k=3,refcoco=1'; a --general JSON is named by its file stem")
+    d.add_argument("--vqa", action="append", default=[], metavar="[NAME=]JSON",
+                   help="LLaVA-style conversation JSON, e.g. llava=llava_instruct_150k.json, webad=webad.json "
+                   "(repeatable; whole conversations, every answer supervised)")
+    d.add_argument("--vqa-images", action="append", default=[], metavar="[NAME=]DIR",
+                   help="image root for --vqa (default: the JSON's folder)")
+    d.add_argument("--vqa-weights", metavar="NAME=W,...", help="sub-dataset weights inside the VQA source (default uniform)")
     d.add_argument("--mix", default=None, help="source probabilities, e.g. 'general=0.4,instruct=0.25,seg=0.25,"
                    "vqa=0.1' (paper default; sources without data are dropped and the rest renormalised)")
     d.add_argument("--instruct-modes", default="describe=0.4,describe_plus=0.2,explain=0.4",
@@ -60,6 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_probs(text: str, what: str, allowed) -> dict[str, float]:
+    """'a=0.4,b=0.6' -> {'a': 0.4, 'b': 0.6}; names must be in ``allowed``."""
     out = {}
     for part in filter(None, (s.strip() for s in text.split(","))):
         name, _, val = part.partition("=")
@@ -75,45 +99,97 @@ def parse_probs(text: str, what: str, allowed) -> dict[str, float]:
 
 
 def build_mixture(args):
-    """The training mixture from the CLI's sources (shared with ``agvas demo``)."""
+    """The training mixture from the CLI's sources (shared with ``agvas demo``). Inside the
+    general and VQA sources a sub-dataset is drawn uniformly (or by --general-weights /
+    --vqa-weights), then an item in it, as LISA samples."""
     from .data.meta import read_meta
     from .data.mixture import Mixture
+    from .data.refer import REFER_DATASETS, ReferSource
+    from .data.semseg import SEMSEG_DATASETS, semseg_source
     from .data.sources import AnomalySource, GeneralSegSource, VQASource
     from .templates import MODES
 
     mix = parse_probs(args.mix, "--mix", PAPER_MIX) if args.mix else dict(PAPER_MIX)
     modes = parse_probs(args.instruct_modes, "--instruct-modes", MODES)
-    records = [r for path in args.data for r in read_meta(path, args.split)]
+    opt = lambda name, default=(): getattr(args, name, None) or default  # noqa: E731 - older Namespaces (demo)
     augment = not args.no_augment
+    seg = [r for path in [*args.data, *opt("seg")] for r in read_meta(path, args.split)]
+    instruct = [r for path in [*args.data, *opt("instruct")] for r in read_meta(path, args.split)]
     sources = {}
-    if records:
-        sources["seg"] = (AnomalySource(records, {"direct": 1.0}, augment), mix.get("seg", 0.0))
-        sources["instruct"] = (AnomalySource(records, modes, augment), mix.get("instruct", 0.0))
-    if args.general:
-        gs = [GeneralSegSource(path, augment) for path in args.general]
-        sources["general"] = (_Concat(gs), mix.get("general", 0.0))
-    if args.vqa:
-        sources["vqa"] = (_Concat([VQASource(path, args.vqa_images) for path in args.vqa]), mix.get("vqa", 0.0))
+    if seg:
+        sources["seg"] = (AnomalySource(seg, {"direct": 1.0}, augment), mix.get("seg", 0.0))
+    if instruct:
+        sources["instruct"] = (AnomalySource(instruct, modes, augment), mix.get("instruct", 0.0))
+    general = {}
+    refer_images = dict(_named(v, "--refer-images", REFER_DATASETS, default_name="*") for v in opt("refer_images"))
+    for value in opt("refer"):
+        name, root = _named(value, "--refer", REFER_DATASETS)
+        images = refer_images.get(name) or (refer_images.get("*") if name != "refclef" else None)
+        _add(general, name, ReferSource(name, root, images, augment), "--refer")
+    seg_images = dict(_named(v, "--sem-seg-images", SEMSEG_DATASETS) for v in opt("sem_seg_images"))
+    for value in opt("sem_seg"):
+        name, root = _named(value, "--sem-seg", SEMSEG_DATASETS)
+        _add(general, name, semseg_source(name, root, seg_images.get(name), augment), "--sem-seg")
+    for path in args.general:
+        _add(general, _stem_name(path, general), GeneralSegSource(path, augment), "--general")
+    if general:
+        sources["general"] = (_Concat(general, _weights(args, "general_weights", general)), mix.get("general", 0.0))
+    vqa = {}
+    vqa_images = opt("vqa_images")
+    vqa_images = dict(_named(v, "--vqa-images", None, default_name="*")
+                      for v in ([vqa_images] if isinstance(vqa_images, str) else vqa_images))
+    for value in args.vqa:
+        name, path = _named(value, "--vqa", None, default_name=None)
+        name = name or _stem_name(path, vqa)
+        _add(vqa, name, VQASource(path, vqa_images.get(name) or vqa_images.get("*")), "--vqa")
+    if vqa:
+        sources["vqa"] = (_Concat(vqa, _weights(args, "vqa_weights", vqa)), mix.get("vqa", 0.0))
     if not any(p > 0 for _, p in sources.values()):
-        raise CLIError("no training data: give --data META (and/or --general / --vqa) with a positive --mix share")
+        raise CLIError("no training data: give --data META (and/or --seg / --instruct / --general / --refer / --sem-seg "
+                       "/ --vqa) with a positive --mix share")
     return Mixture(sources, seed=args.seed)
 
 
-class _Concat:
-    """Several sources of one kind as one."""
+def _named(value: str, flag: str, allowed, default_name: str | None = "") -> tuple[str | None, str]:
+    """'NAME=PATH' -> (NAME, PATH); a plain PATH -> (default_name, PATH) where that is allowed."""
+    name, sep, path = value.partition("=")
+    if not sep or "/" in name or Path(value).exists():
+        if default_name == "":
+            raise CLIError(f"{flag} {value!r}: expected NAME=PATH with NAME in {sorted(allowed)}")
+        return default_name, value
+    if allowed is not None and name not in allowed:
+        raise CLIError(f"{flag} {value!r}: unknown name {name!r}; expected one of {sorted(allowed)}")
+    if not path:
+        raise CLIError(f"{flag} {value!r}: expected NAME=PATH")
+    return name, path
 
-    def __init__(self, parts) -> None:
-        self.parts = parts
 
-    def __len__(self) -> int:
-        return sum(len(p) for p in self.parts)
+def _add(parts: dict, name: str, source, flag: str) -> None:
+    if name in parts:
+        raise CLIError(f"{flag}: sub-dataset {name!r} given twice")
+    parts[name] = source
 
-    def example(self, i: int, rng):
-        for p in self.parts:
-            if i < len(p):
-                return p.example(i, rng)
-            i -= len(p)
-        raise IndexError(i)
+
+def _stem_name(path: str, taken: dict) -> str:
+    stem, n = Path(path).stem, 2
+    name = stem
+    while name in taken:
+        name, n = f"{stem}{n}", n + 1
+    return name
+
+
+def _weights(args, attr: str, parts: dict) -> dict[str, float] | None:
+    text = getattr(args, attr, None)
+    return parse_probs(text, "--" + attr.replace("_", "-"), parts) if text else None
+
+
+class _Concat(SubDatasets):
+    """Several sources of one kind as one: a list (uniform) or ``{name: source}`` with weights."""
+
+    def __init__(self, parts, weights: dict[str, float] | None = None) -> None:
+        if not isinstance(parts, dict):
+            parts = {str(i): p for i, p in enumerate(parts)}
+        super().__init__(parts, weights)
 
 
 def options_from_args(args):

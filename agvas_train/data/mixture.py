@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from ..preprocess import sam_preprocess
-from ..reference import prompt_ids
-from .sources import Example
+from ..reference import followup_text, prompt_ids, prompt_text, text_ids
+from .sources import Example, draw
 
 PAPER_MIX = {"general": 0.4, "instruct": 0.25, "seg": 0.25, "vqa": 0.1}
 IGNORE = -100
@@ -42,11 +42,14 @@ class Mixture:
     def example(self, k: int) -> tuple[str, Example]:
         rng = random.Random(f"{self.seed}:{k}")
         j = rng.choices(range(len(self.sources)), self.probs)[0]
-        src = self.sources[j]
-        return self.names[j], src.example(rng.randrange(len(src)), rng)
+        return self.names[j], draw(self.sources[j], rng)  # the source's own sample(rng), else a uniform item
 
     def describe(self) -> str:
-        return ", ".join(f"{n} {p:.2f} ({len(s)} items)" for n, s, p in zip(self.names, self.sources, self.probs))
+        def one(n, s, p):
+            sub = s.describe() if hasattr(s, "describe") and len(getattr(s, "parts", ())) > 1 else ""
+            return f"{n} {p:.2f} ({len(s)} items{': ' + sub if sub else ''})"
+
+        return ", ".join(one(n, s, p) for n, s, p in zip(self.names, self.sources, self.probs))
 
 
 @dataclass
@@ -82,13 +85,9 @@ def _batch(examples: list[Example], model, tokenizer, image_processor) -> Batch:
     sams, input_size = zip(*(sam_preprocess(im, cfg) for im in images))
     seqs, labels = [], []
     for ex in examples:
-        # one image placeholder; expand_visual() widens it to 2N once f_s is known
-        prompt = prompt_ids(tokenizer, model, ex.instruction, 1)
-        full = prompt_ids(tokenizer, model, ex.instruction, 1, answer=ex.answer + cfg.eos_token)
-        if full[:len(prompt)] != prompt:
-            raise ValueError(f"answer {ex.answer!r} changes the prompt's tokenization")
+        full, lab = example_ids(ex, model, tokenizer)
         seqs.append(full)
-        labels.append([IGNORE] * len(prompt) + full[len(prompt):])
+        labels.append(lab)
     t = max(len(s) for s in seqs)
     pad = model.ids.pad
     ids = torch.tensor([s + [pad] * (t - len(s)) for s in seqs])
@@ -100,6 +99,37 @@ def _batch(examples: list[Example], model, tokenizer, image_processor) -> Batch:
         for ex in examples])).float()
     return Batch(proc["pixel_values"], proc["image_sizes"], torch.cat(sams), (h, w), ids, att, lab, masks,
                  torch.tensor([ex.supervise for ex in examples]))
+
+
+def example_ids(ex: Example, model, tokenizer) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one example with one image placeholder (``expand_visual`` widens it to
+    2N once f_s is known). Labels are IGNORE except each assistant answer and its EOS; a
+    multi-turn example continues the chat, the image only in its first user turn."""
+    eos = model.cfg.eos_token
+    missing = [a for a, sup in zip(model.cfg.anchor_tokens, ex.supervise) if sup and a not in ex.answer]
+    if missing:  # the mask loss of a channel reads its anchor's hidden state
+        raise ValueError(f"answer {ex.answer!r} lacks the anchor {''.join(missing)} of a mask-supervised channel")
+    if not ex.more_turns:
+        prompt = prompt_ids(tokenizer, model, ex.instruction, 1)
+        full = prompt_ids(tokenizer, model, ex.instruction, 1, answer=ex.answer + eos)
+        if full[:len(prompt)] != prompt:
+            raise ValueError(f"answer {ex.answer!r} changes the prompt's tokenization")
+        return full, [IGNORE] * len(prompt) + full[len(prompt):]
+    text, spans = prompt_text(model.cfg, ex.instruction), []
+    for t, (instruction, answer) in enumerate(ex.turns):
+        if t:
+            text += followup_text(model.cfg, instruction)
+        start = text
+        text += answer + eos
+        spans.append((start, text))
+    full = text_ids(tokenizer, model, text, 1)
+    lab = [IGNORE] * len(full)
+    for start, end in spans:
+        a, b = (text_ids(tokenizer, model, x, 1) for x in (start, end))
+        if full[:len(b)] != b or b[:len(a)] != a:
+            raise ValueError(f"a turn of {ex.instruction!r} changes the conversation's tokenization")
+        lab[len(a):len(b)] = full[len(a):len(b)]
+    return full, lab
 
 
 def expand_visual(batch: Batch, n_visual: int, image_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,14 +6,20 @@ answer, which mask channels are supervised):
   supervises [SEG], [NOR] and [ANO];
 - :class:`GeneralSegSource` — general segmentation (image + binary mask + target phrase, e.g.
   ADE20K / COCO-Stuff / refCOCO converted to a JSON list); supervises [SEG] only;
-- :class:`VQASource` — LLaVA-style conversation JSON; text loss only.
+- :class:`VQASource` — LLaVA-style conversation JSON (LLaVA-Instruct-150k, WebAD): the whole
+  conversation, every assistant turn supervised; text loss only.
+
+Native readers of the paper's general-segmentation datasets live in ``refer.py`` (refCOCO,
+refCOCO+, refCOCOg, refCLEF) and ``semseg.py`` (ADE20K, COCO-Stuff, PASCAL-Part, PACO-LVIS,
+PartImageNet). A source draws its own items with ``sample(rng)`` (uniform over its items by
+default); :class:`SubDatasets` draws a sub-dataset first, uniformly or by weight, as LISA does.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +42,20 @@ class Example:
     instruction: str
     answer: str  # without the EOS token
     supervise: tuple[bool, bool, bool]  # mask loss for NOR, ANO, SEG
+    more_turns: tuple[tuple[str, str], ...] = field(default=())  # later (instruction, answer) turns
+
+    @property
+    def turns(self) -> list[tuple[str, str]]:
+        """Every (instruction, answer) turn; the first one carries the image."""
+        return [(self.instruction, self.answer), *self.more_turns]
 
 
-def augment(image: Image.Image, mask: np.ndarray, rng: random.Random) -> tuple[Image.Image, np.ndarray]:
-    """Flips and 90° rotations (image and mask alike), then photometric jitter: grayscale with
+def augment(image: Image.Image, mask: np.ndarray, rng: random.Random,
+            geometric: bool = True) -> tuple[Image.Image, np.ndarray]:
+    """Flips and 90° rotations (image and mask alike; skipped when not ``geometric``, e.g. for
+    referring phrases such as "the left man"), then photometric jitter: grayscale with
     p = 0.25 (many line cameras are monochrome) and a random gain/offset with p = 0.5."""
-    k = rng.randrange(4)
-    flip = rng.random() < 0.5
+    k, flip = (rng.randrange(4), rng.random() < 0.5) if geometric else (0, False)
     arr = np.rot90(np.asarray(image), k)
     m = np.rot90(mask, k)
     if flip:
@@ -115,8 +128,10 @@ class GeneralSegSource:
 
 
 class VQASource:
-    """LLaVA-style conversations ``[{"image", "conversations": [{"from": "human"|"gpt", "value"}]}]``;
-    one human/gpt turn pair per example (the ``<image>`` tag removed); text loss only."""
+    """LLaVA-style conversations ``[{"image", "conversations": [{"from": "human"|"gpt", "value"}]}]``
+    (LLaVA-Instruct-150k, WebAD): an example is the whole conversation — every human -> gpt
+    turn, in order, each assistant answer supervised; ``<image>`` tags are removed (the prompt
+    carries the one image in its first turn); text loss only."""
 
     def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
         self.path = Path(path)
@@ -126,21 +141,79 @@ class VQASource:
             conv = it.get("conversations") if isinstance(it, dict) else None
             if not it.get("image") or not isinstance(conv, list) or len(conv) < 2:
                 raise ValueError(f"{self.path}[{i}]: expected {{'image', 'conversations': [human, gpt, ...]}}")
-            pairs = [(conv[j]["value"], conv[j + 1]["value"]) for j in range(0, len(conv) - 1, 2)
-                     if conv[j].get("from") == "human" and conv[j + 1].get("from") == "gpt"]
-            if not pairs:
+            turns, j = [], 0
+            while j + 1 < len(conv):
+                if conv[j].get("from") == "human" and conv[j + 1].get("from") == "gpt":
+                    q = str(conv[j]["value"]).replace("<image>", "").strip()
+                    turns.append((q, str(conv[j + 1]["value"]).strip()))
+                    j += 2
+                else:
+                    j += 1
+            if not turns:
                 raise ValueError(f"{self.path}[{i}]: no human -> gpt turn pair")
-            self.items.append((it["image"], pairs))
+            self.items.append((it["image"], tuple(turns)))
 
     def __len__(self) -> int:
         return len(self.items)
 
     def example(self, i: int, rng: random.Random) -> Example:
-        image_rel, pairs = self.items[i]
+        image_rel, turns = self.items[i]
         image = load_image(self.root / image_rel)
-        q, a = rng.choice(pairs)
-        q = q.replace("<image>", "").strip()
-        return Example(image, np.zeros((image.height, image.width), bool), q, a.strip(), SEG_NONE)
+        (q, a), *more = turns
+        return Example(image, np.zeros((image.height, image.width), bool), q, a, SEG_NONE, tuple(more))
+
+
+def segment_example(image: Image.Image, mask: np.ndarray, phrase: str, rng: random.Random,
+                    augment_: bool = True, geometric: bool = True) -> Example:
+    """A general-segmentation :class:`Example`: "segment ``phrase``", [SEG] supervised."""
+    if augment_:
+        image, mask = augment(image, mask, rng, geometric)
+    instruction, answer = general_conversation(phrase, rng)
+    return Example(image, mask, instruction, answer, SEG_ONLY)
+
+
+class SubDatasets:
+    """Several sources of one kind as one (``SubDatasets({"ade20k": src, ...}, weights)``):
+    ``sample`` picks a sub-dataset uniformly (or by ``weights``, name -> weight), then an item
+    in it — not in proportion to the sub-datasets' sizes (LISA's sampling)."""
+
+    def __init__(self, parts: dict[str, object], weights: dict[str, float] | None = None) -> None:
+        if not parts:
+            raise ValueError("no sub-datasets")
+        weights = weights or {}
+        unknown = sorted(set(weights) - set(parts))
+        if unknown:
+            raise ValueError(f"weights for unknown sub-datasets {unknown}; known: {sorted(parts)}")
+        self.names = list(parts)
+        self.parts = [parts[n] for n in self.names]
+        self.weights = [float(weights.get(n, 1.0)) for n in self.names]
+        if any(w < 0 for w in self.weights) or not any(w > 0 for w in self.weights):
+            raise ValueError(f"sub-dataset weights must be >= 0 with one positive, got {weights}")
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def example(self, i: int, rng: random.Random) -> Example:
+        for p in self.parts:
+            if i < len(p):
+                return p.example(i, rng)
+            i -= len(p)
+        raise IndexError(i)
+
+    def sample(self, rng: random.Random) -> Example:
+        part = self.parts[0] if len(self.parts) == 1 else rng.choices(self.parts, self.weights)[0]
+        return draw(part, rng)
+
+    def describe(self) -> str:
+        total = sum(self.weights)
+        return ", ".join(f"{n} {w / total:.2f}" for n, w in zip(self.names, self.weights))
+
+
+def draw(source, rng: random.Random) -> Example:
+    """One example from ``source``: its own ``sample(rng)`` or a uniform item."""
+    if hasattr(source, "sample"):
+        return source.sample(rng)
+    return source.example(rng.randrange(len(source)), rng)
 
 
 def _read_json_list(path: Path) -> list:
