@@ -34,10 +34,11 @@ WEIGHTS = "model.safetensors"
 META = "checkpoint.json"
 
 
-def _unique_state(model: torch.nn.Module, only_trainable: bool) -> dict[str, torch.Tensor]:
+def _unique_state(model: torch.nn.Module, only_trainable: bool,
+                  full_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     keep = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
     state, seen = {}, set()
-    for name, t in model.state_dict(keep_vars=False).items():
+    for name, t in (full_state if full_state is not None else model.state_dict(keep_vars=False)).items():
         if only_trainable and name not in keep and "lora_" not in name:
             continue
         key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else (name,)
@@ -50,16 +51,18 @@ def _unique_state(model: torch.nn.Module, only_trainable: bool) -> dict[str, tor
 
 def save_checkpoint(model: AGVAS, tokenizer, image_processor, out_dir: str | Path, *,
                     base: dict[str, str | None] | None = None, extra: dict[str, Any] | None = None,
-                    train_state: dict[str, Any] | None = None) -> Path:
+                    train_state: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``out_dir`` atomically. ``base`` holds the ``llava``/``sam`` source paths, if any;
-    without base weights everything is saved (the model can be rebuilt from the file alone)."""
+    without base weights everything is saved (the model can be rebuilt from the file alone).
+    ``state``: the model's full state dict when its parameters are sharded (FSDP), gathered by
+    the caller; by default ``model.state_dict()``."""
     out = Path(out_dir)
     base = dict(base or {"llava": None, "sam": None})
     full = not (base.get("llava") or base.get("sam"))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        state = _unique_state(model, only_trainable=not full)
+        state = _unique_state(model, only_trainable=not full, full_state=state)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         tok_dir = tmp / "tokenizer"
         tokenizer.save_pretrained(str(tok_dir))
@@ -105,9 +108,14 @@ def read_meta(ckpt: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(ckpt: str | Path, device: str = "cpu", merge: bool = False):
+def load_checkpoint(ckpt: str | Path, device: str = "cpu", merge: bool = False,
+                    dtype: torch.dtype | None = torch.float32, llava_dtype: torch.dtype | None = None):
     """Rebuild the model exactly; returns ``(model, tokenizer, image_processor, meta)``.
 
+    The whole model is held in ``dtype`` (float32 by default, whatever dtype the base weights
+    were saved in: llava-hf directories hold float16). ``dtype=None`` (resuming a training run):
+    the saved tensors keep the dtype they were saved in (fp32 master weights) and the base weights
+    are loaded in ``llava_dtype``.
     ``merge=True`` folds LoRA into the LLM (what ``export`` needs)."""
     from .modeling.build import build_model, image_processor_for
     from .tokenizer import load_tokenizer
@@ -123,7 +131,8 @@ def load_checkpoint(ckpt: str | Path, device: str = "cpu", merge: bool = False):
     for k in ("llava", "sam"):
         if base.get(k) and not Path(base[k]).exists():
             raise FileNotFoundError(f"checkpoint {ckpt}: base weights --{k} {base[k]} not found")
-    model, tokenizer = build_model(cfg, tokenizer=tokenizer, llava_dir=base.get("llava"), sam_path=base.get("sam"))
+    model, tokenizer = build_model(cfg, tokenizer=tokenizer, llava_dir=base.get("llava"), sam_path=base.get("sam"),
+                                   dtype=dtype, llava_dtype=llava_dtype)
     expected = TokenIds.from_dict(meta["token_ids"])
     if model.ids.to_dict() != expected.to_dict():
         raise ValueError(f"checkpoint {ckpt}: token ids {expected.to_dict()} do not match the rebuilt "
@@ -146,6 +155,12 @@ def load_checkpoint(ckpt: str | Path, device: str = "cpu", merge: bool = False):
         missing = sorted(set(own) - set(state) - tied)
         if missing:
             raise ValueError(f"checkpoint {ckpt}/{WEIGHTS} lacks tensors {missing[:8]} for config {cfg.name!r}")
+    if dtype is None:  # the saved tensors keep their own dtype (tied weights share one Parameter)
+        params = dict(model.named_parameters())
+        for name, t in state.items():
+            target = params.get(name)
+            if target is not None and target.is_floating_point() and target.dtype != t.dtype:
+                target.data = target.data.to(t.dtype)
     model.load_state_dict(state, strict=False)
     if merge and meta.get("lora"):
         merge_lora(model)

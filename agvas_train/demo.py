@@ -88,16 +88,18 @@ def step_train(d: Demo) -> None:
         meta = json.loads((d.checkpoint / "checkpoint.json").read_text())["training"]
         d.row("train", f"reused finished checkpoint ({meta['step']} steps) {d.checkpoint}")
         return
-    from .train_cli import build_mixture, options_from_args
-    from .train import Trainer, build_trainable, resume_trainer, CHECKPOINT
     from .config import tiny
+    from .train import CHECKPOINT, Trainer, build_trainable, resume_trainer
+    from .train_cli import add_arguments, build_mixture, options_from_args
 
-    targs = argparse.Namespace(
-        data=[str(d.meta)], split="train", general=[], vqa=[], vqa_images=None, mix=DEMO_MIX,
-        instruct_modes="describe=0.4,describe_plus=0.2,explain=0.4", no_augment=False, seed=d.args.seed,
-        steps=d.args.steps, batch_size=DEMO_BATCH, grad_accum=1, lr=DEMO_LR, warmup=100, weight_decay=0.0,
-        save_every=200, log_every=10, max_minutes=d.args.max_minutes, autocast=None, grad_checkpointing=False,
-        threads=d.args.threads)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    targs = parser.parse_args([
+        "--out", str(d.out), "--data", str(d.meta), "--split", "train", "--mix", DEMO_MIX,
+        "--seed", str(d.args.seed), "--steps", str(d.args.steps), "--batch-size", str(DEMO_BATCH),
+        "--lr", str(DEMO_LR), "--warmup", "100", "--save-every", "200", "--log-every", "10", "--device", "cpu",
+        *(["--max-minutes", str(d.args.max_minutes)] if d.args.max_minutes else []),
+        *(["--threads", str(d.args.threads)] if d.args.threads else [])])
     mixture = build_mixture(targs)
     opts = options_from_args(targs)
     if (d.out / CHECKPOINT / "train_state.pt").is_file() and not d.args.retrain:

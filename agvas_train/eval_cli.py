@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normal-sentence", help="describe_plus: a sentence on the object's normal appearance")
     p.add_argument("--vision-tokens", choices=["anyres", "base"],
                    help="semantic token packing (default: anyres; an export's manifest default)")
+    p.add_argument("--device", default="cpu", help="--checkpoint: torch device of the reference (cpu or cuda[:N])")
     p.add_argument("--provider", default="cpu", help="runtime provider for --engines (cpu, cuda, tensorrt)")
     p.add_argument("--resize", type=int, default=256, help="AP/F1 protocol: resize maps to N×N (0 = native size)")
     p.add_argument("--sigma", type=float, default=4.0, help="AP/F1 protocol: Gaussian smoothing σ (0 = off)")
@@ -42,8 +43,13 @@ def run(args) -> int:
         set_threads(args.threads)
         if not Path(args.checkpoint).is_dir():
             raise CLIError(f"--checkpoint {args.checkpoint}: not a directory")
+        if args.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise CLIError(f"--device {args.device}: CUDA is not available to this torch build")
         predictor = checkpoint_predictor(args.checkpoint, args.mode, args.vision_tokens or "anyres",
-                                         args.normal_sentence)
+                                         args.normal_sentence, device=args.device)
         source = args.checkpoint
     elif args.engines:
         if not Path(args.engines).is_dir():

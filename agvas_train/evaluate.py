@@ -47,11 +47,11 @@ def as_predictor(obj: Any) -> Callable:
 
 
 def checkpoint_predictor(checkpoint: str | Path, mode: str = "direct", vision_tokens: str = "anyres",
-                         normal_sentence: str | None = None) -> Callable:
-    """The PyTorch reference over a checkpoint."""
+                         normal_sentence: str | None = None, device: str = "cpu") -> Callable:
+    """The PyTorch reference over a checkpoint (on ``device``: cpu or cuda)."""
     from .reference import ReferencePipeline
 
-    pipe = ReferencePipeline.from_checkpoint(checkpoint)
+    pipe = ReferencePipeline.from_checkpoint(checkpoint, device=device)
 
     def predict(image):
         return pipe(image, mode=mode, normal_sentence=normal_sentence, vision_tokens=vision_tokens)

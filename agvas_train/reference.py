@@ -86,17 +86,27 @@ class ReferencePipeline:
         self.cfg = model.cfg
 
     @classmethod
-    def from_checkpoint(cls, ckpt: str | Path) -> "ReferencePipeline":
+    def from_checkpoint(cls, ckpt: str | Path, device: str = "cpu") -> "ReferencePipeline":
         from .checkpoint import load_checkpoint
 
-        model, tok, proc, _ = load_checkpoint(ckpt)
+        model, tok, proc, _ = load_checkpoint(ckpt, device=device)
         return cls(model, tok, proc)
 
     # ---- stages ---------------------------------------------------------------------------
     def prepare(self, image) -> Prepared:
         from agvas.imageio import load_image
 
-        return prepare_image(load_image(image), self.cfg, self.image_processor)
+        prep = prepare_image(load_image(image), self.cfg, self.image_processor)
+        dev = self.device
+        if dev.type != "cpu":
+            prep.pixel_values, prep.image_sizes = prep.pixel_values.to(dev), prep.image_sizes.to(dev)
+            prep.sam_input = prep.sam_input.to(dev)
+        return prep
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is (inputs follow it: ``agvas eval --device cuda``)."""
+        return self.model.embed_tokens.weight.device
 
     @torch.no_grad()
     def encode(self, prep: Prepared, vision_tokens: str = "anyres") -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +134,7 @@ class ReferencePipeline:
             tokens.append(tok)
             if tok == m.ids.eos:
                 break
-            emb = m.embed_tokens(torch.tensor([[tok]]))
+            emb = m.embed_tokens(torch.tensor([[tok]], device=h.device))
             out = m.language_model(inputs_embeds=emb, past_key_values=out.past_key_values, use_cache=True)
             h = out.last_hidden_state[:, -1]
         return tokens, states
@@ -147,7 +157,7 @@ class ReferencePipeline:
         visual, pix = self.encode(prep, vision_tokens)
         t["encode"] = time.perf_counter() - t0
         ids = prompt_ids(self.tokenizer, m, canonical_instruction(mode, normal_sentence), visual.shape[1])
-        emb = m.embed_prompt(torch.tensor([ids]), visual)
+        emb = m.embed_prompt(torch.tensor([ids], device=visual.device), visual)
         t0 = time.perf_counter()
         tokens, states = self.generate(emb, max_new_tokens or cfg.max_new_tokens)
         t["llm"] = time.perf_counter() - t0
@@ -157,6 +167,7 @@ class ReferencePipeline:
         if found:
             anchor_states = torch.stack([states[a] for a in m.ids.anchors])
             p, p_seg, p_ano = m.maps(anchor_states[None], pix)
+            p, p_seg, p_ano = p.float().cpu(), p_seg.float().cpu(), p_ano.float().cpu()
             low = p[0].numpy()
             up = postprocess_map(torch.stack([p, p_seg, p_ano], 1)[0], prep.input_size, prep.original_size,
                                  cfg.pixel_encoder.img_size).numpy()

@@ -1,12 +1,15 @@
-"""``agvas train``: train AG-VAS on a mixture of sources.
+"""``agvas train``: train AG-VAS on a mixture of sources, in one process or under torchrun.
 
 Examples::
 
     agvas train --out runs/tiny --data demo_out/data/meta.json            # tiny from scratch
     agvas train --out runs/tiny --resume                                   # continue that run
-    agvas train --config ov-7b --llava ~/llava-onevision-qwen2-7b-ov-hf --sam ~/sam_vit_h_4b8939.pth \\
-        --data visa/meta.json --split test --general refseg.json --vqa llava_150k.json \\
-        --out runs/7b --batch-size 2 --grad-accum 40 --autocast bf16 --grad-checkpointing --device cuda
+    # the paper's recipe: ov-7b on 4 GPUs, DeepSpeed ZeRO-2, global batch 4 × 2 × 10 = 80
+    torchrun --nproc-per-node 4 --no-python agvas train --config ov-7b \\
+        --llava ~/llava-onevision-qwen2-7b-ov-hf --sam ~/sam_vit_h_4b8939.pth --device cuda \\
+        --data visa/meta.json --split test --out runs/7b --strategy zero2 --dtype bf16 \\
+        --batch-size 2 --grad-accum 10 --grad-checkpointing
+    agvas train --config ov-7b --llava ... --sam ... --plan              # the memory plan only
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .data.sources import SubDatasets
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="run directory: OUT/checkpoint/, OUT/train_log.jsonl")
+    p.add_argument("--out", help="run directory: OUT/checkpoint/, OUT/train_log.jsonl, ... (required unless --plan)")
     p.add_argument("--config", default="tiny", choices=sorted(CONFIGS), help="model config (default tiny)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
     p.add_argument("--llava", help="local Hugging Face LLaVA-OneVision directory (real weights)")
@@ -63,23 +66,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--instruct-modes", default="describe=0.4,describe_plus=0.2,explain=0.4",
                    help="mode mix of the Anomaly-Instruct source")
     t = p.add_argument_group("optimisation")
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
+    t.add_argument("--batch-size", type=int, default=8, help="samples per device per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step; the global batch "
+                   "is batch-size × processes × grad-accum")
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--bce-weight", type=float, default=0.5, help="mask BCE weight (paper text 0.5; LISA's code 2.0)")
+    t.add_argument("--dice-weight", type=float, default=2.0, help="mask Dice weight (paper text 2.0; LISA's code 0.5)")
     t.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-minutes", type=float, help="stop (and save) after this much wall time")
     t.add_argument("--no-augment", action="store_true", help="no flips / 90° rotations")
-    g = p.add_argument_group("hardware")
-    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    g.add_argument("--autocast", choices=["bf16", "fp16"], help="mixed precision (GPU users)")
+    e = p.add_argument_group("evaluation while training")
+    e.add_argument("--eval-data", help="meta.json / MVTec folder: zero-shot metrics on its test split (agvas eval)")
+    e.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (and at the end)")
+    e.add_argument("--eval-limit", type=int, default=8, help="at most N images per category per evaluation")
+    e.add_argument("--eval-metric", default="pixel_ap", help="mean metric that picks OUT/best/ (default pixel_ap)")
+    e.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard scalars in OUT/tensorboard/")
+    g = p.add_argument_group("hardware, precision and distribution")
+    g.add_argument("--device", choices=["cpu", "cuda"], help="cpu or cuda (under torchrun each process takes "
+                   "cuda:LOCAL_RANK); default cuda when available")
+    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="dtype of the frozen base, whatever its "
+                   "files hold (default bf16 on CUDA, fp32 on CPU); trainable parts keep fp32 master weights")
+    g.add_argument("--strategy", choices=["ddp", "fsdp", "zero2"], default="ddp", help="distributed engine "
+                   "(Accelerate): DDP, FSDP2 full sharding, or DeepSpeed ZeRO-2 (pip install deepspeed)")
     g.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the LLM")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: 2, or 1 while the machine is busy; re-picked during training)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (0 = in the loop)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: 2, or 1 while the machine is busy; "
+                   "re-picked during training)")
+    g.add_argument("--random-init", action="store_true", help="real configs: train from random weights "
+                   "(memory and speed work only; without it --llava and --sam are required)")
     g.add_argument("--no-progress", action="store_true")
+    from .train_plan import add_plan_arguments
+
+    add_plan_arguments(p)
 
 
 def parse_probs(text: str, what: str, allowed) -> dict[str, float]:
@@ -192,43 +215,115 @@ class _Concat(SubDatasets):
         super().__init__(parts, weights)
 
 
+def default_device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def options_from_args(args):
     from .train import TrainOptions
 
+    device = default_device(args)
     return TrainOptions(
-        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
-        weight_decay=args.weight_decay, save_every=args.save_every, log_every=args.log_every, seed=args.seed,
-        max_seconds=args.max_minutes * 60 if args.max_minutes else None, autocast=args.autocast,
-        grad_checkpointing=args.grad_checkpointing, adapt_threads=args.threads is None)
+        steps=args.steps or 2000, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        warmup=args.warmup, weight_decay=args.weight_decay, save_every=args.save_every, log_every=args.log_every,
+        seed=args.seed, max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+        dtype=args.dtype or ("bf16" if device == "cuda" else "fp32"), strategy=args.strategy, device=device,
+        grad_checkpointing=args.grad_checkpointing, workers=args.workers, bce_weight=args.bce_weight,
+        dice_weight=args.dice_weight, eval_every=args.eval_every, eval_data=args.eval_data,
+        eval_limit=args.eval_limit, eval_metric=args.eval_metric, tensorboard=not args.no_tensorboard,
+        adapt_threads=args.threads is None and device == "cpu")
+
+
+# what --resume restores when the command line does not give it again
+DATA_ARGS = ("data", "instruct", "seg", "split", "general", "refer", "refer_images", "sem_seg", "general_weights",
+             "vqa", "vqa_images", "mix", "instruct_modes", "no_augment")
+
+
+def _saved_cli(args) -> dict:
+    return {k: getattr(args, k) for k in DATA_ARGS if hasattr(args, k)}
+
+
+def _has_data(args) -> bool:
+    return any(getattr(args, k, None) for k in ("data", "instruct", "seg", "general", "refer", "sem_seg", "vqa"))
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def run(args) -> int:
     from .config import get_config
-    from .train import CHECKPOINT, Trainer, build_trainable, resume_trainer, set_threads
+    from .train import CHECKPOINT, TrainOptions, Trainer, build_trainable, read_train_state, resume_trainer, set_threads
+    from .train_plan import check_fits, config_from_args, print_plan
 
-    set_threads(args.threads)
+    if args.plan:
+        return print_plan(args)
+    if not args.out:
+        raise CLIError("--out DIR is required (the run directory)")
+    world = _world_size()
+    set_threads(args.threads or (max(1, (__import__("os").cpu_count() or 1) // world) if world > 1 else None))
     out = Path(args.out)
-    mixture = build_mixture(args)
-    opts = options_from_args(args)
     if args.resume:
         if not (out / CHECKPOINT).is_dir():
             raise CLIError(f"--resume: no checkpoint in {out / CHECKPOINT}")
-        trainer = resume_trainer(out, mixture, opts, device=args.device)
-        print(f"resuming {out / CHECKPOINT} at step {trainer.step}/{opts.steps}")
+        try:
+            state = read_train_state(out)
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(f"--resume: {e}") from None
+        # the run's own options (batch, dtype, device, strategy, ...); a new --steps / --max-minutes may extend it
+        opts = TrainOptions.from_dict(state["options"])
+        if args.steps:
+            opts.steps = args.steps
+        if args.max_minutes:
+            opts.max_seconds = args.max_minutes * 60
+        from .checkpoint import read_meta
+
+        saved = read_meta(out / CHECKPOINT).get("training", {}).get("cli") or {}
+        if not _has_data(args):
+            for k, v in saved.items():
+                setattr(args, k, v)
+        mixture = build_mixture(args)
+        try:
+            trainer = resume_trainer(out, mixture, opts)
+        except ValueError as e:
+            raise CLIError(f"--resume: {e}") from None
+        trainer.extra["cli"] = _saved_cli(args)
+        if trainer.is_main:
+            print(f"resuming {out / CHECKPOINT} at step {trainer.step}/{opts.steps}")
     else:
+        mixture = build_mixture(args)
+        opts = options_from_args(args)
         if (out / CHECKPOINT).exists():
             raise CLIError(f"{out / CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
         cfg = get_config(args.config)
         cfg.seed = args.seed
+        if cfg.name != "tiny" and not args.random_init:
+            missing = [f for f, v in (("--llava DIR", args.llava), ("--sam FILE", args.sam)) if not v]
+            if missing:
+                raise CLIError(f"config {cfg.name} trains from real weights: give {' and '.join(missing)} "
+                               f"(a local LLaVA-OneVision directory, an official sam_vit_*.pth), or --random-init "
+                               f"for memory/speed work")
         for flag, path in (("--llava", args.llava), ("--sam", args.sam)):
             if path and not Path(path).exists():
                 raise CLIError(f"{flag} {path}: not found")
-        model, tok, proc = build_trainable(cfg, args.llava, args.sam, device=args.device)
+        check_fits(args, config_from_args(args), world)  # before any weight is loaded
+        model, tok, proc = build_trainable(cfg, args.llava, args.sam, dtype=opts.dtype)
         base = {"llava": str(Path(args.llava).resolve()) if args.llava else None,
                 "sam": str(Path(args.sam).resolve()) if args.sam else None}
-        trainer = Trainer(model, tok, proc, mixture, opts, out, base=base)
-    print(f"mixture: {mixture.describe()}")
+        try:
+            trainer = Trainer(model, tok, proc, mixture, opts, out, base=base, extra={"cli": _saved_cli(args)})
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    if trainer.is_main:
+        print(f"mixture: {mixture.describe()}")
     summary = trainer.run(progress=not args.no_progress)
-    print(f"trained to step {summary['step']}/{summary['steps']} ({summary['stopped']}) in {summary['seconds']:.0f} s, "
-          f"{summary['steps_per_s']:.2f} steps/s, loss {summary['loss_ema']:.3f} -> {out / CHECKPOINT}")
+    if trainer.is_main:
+        print(f"trained to step {summary['step']}/{summary['steps']} ({summary['stopped']}) in "
+              f"{summary['seconds']:.0f} s, {summary['samples_per_s']:.2f} samples/s, loss {summary['loss_ema']:.3f}, "
+              f"{summary['world_size']} process(es) ({summary['strategy']}), global batch {summary['global_batch']} "
+              f"-> {out / CHECKPOINT}")
     return 0

@@ -132,3 +132,35 @@ def test_trained_tiny_answers_with_anchors_and_decisive_maps(trained_tiny):
     assert np.mean(decisive) > 0.97, decisive
     assert sum(anomalous_hits) >= 2, anomalous_hits
     assert sum(normal_empty) >= 3, normal_empty
+
+
+def test_eval_while_training_keeps_the_best_and_logs_tensorboard(small_meta, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from agvas.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--data", str(small_meta), "--steps", "2", "--batch-size", "2",
+                 "--warmup", "1", "--log-every", "1", "--workers", "0", "--eval-data", str(small_meta),
+                 "--eval-every", "1", "--eval-limit", "2", "--eval-metric", "iou_nor", "--no-progress"]) == 0
+    evals = [json.loads(x) for x in (out / "eval_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [1, 2] and all("pixel_ap" in e and "iou_nor" in e for e in evals)
+    assert (out / "best" / "checkpoint.json").is_file()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["best"] == {"metric": "iou_nor", "value": max(e["iou_nor"] for e in evals)}
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/text", "train/seg", "train/lr", "train/samples_per_s", "eval/pixel_ap"} <= tags
+
+
+def test_a_launch_the_plan_says_will_not_fit_is_refused(small_meta, tmp_path, capsys):
+    from agvas.cli import main
+
+    args = ["train", "--config", "ov-7b", "--random-init", "--out", str(tmp_path / "r"), "--data", str(small_meta),
+            "--gpu-memory", "24", "--dtype", "bf16"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "will not fit" in err and "24" in err and "--force" in err
+    assert main(["train", "--config", "ov-7b", "--plan", "--dtype", "bf16", "--strategy", "zero2"]) == 0
+    assert "zero2" in capsys.readouterr().out

@@ -42,14 +42,17 @@ def token_ids(tokenizer, vocab_size: int, cfg: AGVASConfig) -> TokenIds:
 
 def build_model(cfg: AGVASConfig, *, tokenizer=None, llava_dir: str | Path | None = None,
                 sam_path: str | Path | None = None, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None) -> tuple[AGVAS, Any]:
+                dtype: torch.dtype | None = None, llava_dtype: torch.dtype | None = None) -> tuple[AGVAS, Any]:
     """Build AG-VAS for ``cfg``.
 
     - random init (seeded by ``cfg.seed``) when no weights are given — the `tiny` default and
       the `ov-*` latency/memory work;
     - ``llava_dir``: a local HF LLaVA-OneVision directory (weights, tokenizer, image processor);
     - ``sam_path``: an official ``sam_vit_{b,l,h}`` ``.pth``; its ``image_encoder.`` weights;
-    - ``device="meta"``: no memory at all, for parameter counts and memory planning.
+    - ``device="meta"``: no memory at all, for parameter counts and memory planning;
+    - ``dtype``: the whole model in that dtype (default: as built, float32);
+    - ``llava_dtype``: the dtype the LLaVA-OneVision weights are loaded in (default ``dtype``, else
+      float32 — never the files' own dtype: llava-hf directories are saved in float16).
     The anchors are added to the tokenizer and the embeddings/LM head resized when needed.
     """
     from .weights import load_llava_dir, read_sam_encoder_state, sam_encoder_config
@@ -60,9 +63,11 @@ def build_model(cfg: AGVASConfig, *, tokenizer=None, llava_dir: str | Path | Non
         cfg.pixel_encoder = sam_encoder_config(sam_state, cfg.pixel_encoder, sam_path)
     llava = None
     if llava_dir is not None:
-        llava = load_llava_dir(llava_dir, dtype=dtype)
+        llava = load_llava_dir(llava_dir, dtype=llava_dtype or dtype or torch.float32)
         cfg.tokenizer_dir = str(Path(llava_dir).resolve())
         cfg.llava = _llava_kwargs(llava.config)
+        # SPAM attends in the LLM's width with the LLM's head count (14 for 0.5B, 28 for 7B)
+        cfg.spam_heads = int(llava.config.text_config.num_attention_heads)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     base_vocab = (llava.config.text_config.vocab_size if llava is not None
                   else int(cfg.llava["text_config"]["vocab_size"]) or len(tokenizer))

@@ -53,20 +53,37 @@ def read_sam_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def sam_encoder_config(state: dict[str, torch.Tensor], base: PixelEncoderConfig, path) -> PixelEncoderConfig:
-    """The encoder config implied by the weights: the config's own encoder when the widths agree,
-    else the official SAM variant of that width (SAM's 1024 px / 16 px-patch geometry)."""
+    """The encoder config implied by the weights: the config's own encoder when they match it,
+    else the geometry read off the tensors (so ViT-B/L/H and any other ``ImageEncoderViT`` in
+    the official layout load): width and patch from ``patch_embed``, input size from
+    ``pos_embed``, depth from the blocks, head width and window size from the relative position
+    tables (global-attention blocks span the whole grid), neck width from ``neck.0``."""
     w = state.get("patch_embed.proj.weight")
     if w is None:
         raise ValueError(f"--sam {path}: missing image_encoder.patch_embed.proj.weight")
     embed_dim, patch = int(w.shape[0]), int(w.shape[-1])
-    if embed_dim == base.embed_dim and patch == base.patch_size:
+    try:
+        grid = int(state["pos_embed"].shape[1])
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        spans = [int(state[f"blocks.{i}.attn.rel_pos_h"].shape[0]) for i in range(depth)]
+        head_dim = int(state["blocks.0.attn.rel_pos_h"].shape[1])
+        mlp = int(state["blocks.0.mlp.lin1.weight"].shape[0])
+        out_chans = int(state["neck.0.weight"].shape[0])
+        consistent = (tuple(state["neck.0.weight"].shape) == (out_chans, embed_dim, 1, 1)
+                      and tuple(state["neck.2.weight"].shape) == (out_chans, out_chans, 3, 3)
+                      and embed_dim % head_dim == 0 and len({s for s in spans if s != 2 * grid - 1}) <= 1)
+    except (KeyError, ValueError, IndexError):
+        consistent = False
+    if not consistent:  # not a whole encoder: the strict load below names what is missing or mis-shaped
         return base
-    for v in SAM_VARIANTS.values():
-        if v["embed_dim"] == embed_dim:
-            return PixelEncoderConfig(img_size=1024, patch_size=16, window_size=14, out_chans=256, **v)
-    raise ValueError(f"--sam {path}: embed_dim {embed_dim} (patch {patch}) matches neither the config's encoder "
-                     f"(embed_dim {base.embed_dim}, patch {base.patch_size}) nor a SAM variant "
-                     f"{ {k: v['embed_dim'] for k, v in SAM_VARIANTS.items()} }")
+    full = 2 * grid - 1
+    windows = {s for s in spans if s != full}
+    found = PixelEncoderConfig(
+        img_size=grid * patch, patch_size=patch, embed_dim=embed_dim, depth=depth, num_heads=embed_dim // head_dim,
+        window_size=(windows.pop() + 1) // 2 if windows else base.window_size,
+        global_attn_indexes=tuple(i for i, s in enumerate(spans) if s == full), out_chans=out_chans,
+        mlp_ratio=mlp / embed_dim)
+    return base if found == base else found
 
 
 def load_sam_encoder_state(encoder: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
