@@ -281,7 +281,7 @@ class Trainer:
         if not self.params:
             raise ValueError("no trainable parameters")
         if o.grad_checkpointing:
-            model.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.llava.activation_checkpointing_enable({"use_reentrant": False})  # transformers 5
         optimizer = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay)
         # stepped once per optimizer step by us (Accelerate's wrapper would step it world-size times)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o.warmup, self.total))

@@ -206,3 +206,14 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(meta, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_check_runs_in_smoke_mode(tmp_path):
+    """benchmarks/gpu_train_check.py is what a lent GPU runs; --smoke runs its code on tiny dims."""
+    from benchmarks.gpu_train_check import main as check
+
+    assert check(["--smoke", "--out", str(tmp_path), "--steps-05b", "2", "--steps-7b", "2"]) == 0
+    got = json.loads((tmp_path / "gpu_train_check.json").read_text())
+    assert got["tiny_train_64"]["losses_finite"] and got["tiny_train_128"]["losses_finite"]
+    assert got["tiny_reference_latency_s"]["n_visual"] > 0
