@@ -4,7 +4,6 @@ uncompressed or compressed RLE) to a mask, and finding an image among candidate 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +11,9 @@ import numpy as np
 
 def read_coco(path: Path) -> dict:
     """A COCO-format JSON with ``images``, ``annotations`` and ``categories`` lists."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found (expected a COCO-format JSON)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    from .sources import read_json
+
+    data = read_json(path, "a COCO-format JSON")
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
         raise ValueError(f"{path}: expected a COCO-format JSON with 'images', 'annotations' and 'categories' lists")
     return data

@@ -216,13 +216,18 @@ def draw(source, rng: random.Random) -> Example:
     return source.example(rng.randrange(len(source)), rng)
 
 
-def _read_json_list(path: Path) -> list:
+def read_json(path: Path, expected: str = "a JSON file"):
+    """The parsed JSON at ``path``; one-line errors naming the file and what was expected."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise FileNotFoundError(f"{path}: file not found (expected {expected})")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_json_list(path: Path) -> list:
+    data = read_json(path, "a JSON list")
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty JSON list")
     return data
