@@ -356,9 +356,9 @@ class Trainer:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             ds = MicroBatches(self.mixture, self.model, self.tokenizer, self.image_processor, o.batch_size,
                               self.world, self.rank)
-            first, last = self.step * o.grad_accum, max(o.steps, self.step + 1) * o.grad_accum
+            first = self.step * o.grad_accum  # the data position; open-ended (the loop decides when to stop)
             loader = torch.utils.data.DataLoader(
-                ds, batch_size=None, sampler=range(first, last), num_workers=o.workers, collate_fn=_keep,
+                ds, batch_size=None, sampler=range(first, 2 ** 62), num_workers=o.workers, collate_fn=_keep,
                 worker_init_fn=_worker_init if o.workers else None, prefetch_factor=2 if o.workers else None,
                 persistent_workers=False)
             self._loader = iter(loader)
@@ -401,7 +401,7 @@ class Trainer:
         if self.opts.max_seconds is None or rate <= 0:
             return
         fit = self.step + int(rate * max(0.0, self.opts.max_seconds - elapsed))
-        self.total = max(self.step + 1, min(self.opts.steps, fit))
+        self.total = min(self.opts.steps, max(self.step + 1, fit))  # never past the planned steps
 
     def _memory_gib(self) -> float | None:
         if self.device.type == "cuda":

@@ -164,3 +164,10 @@ def test_a_launch_the_plan_says_will_not_fit_is_refused(small_meta, tmp_path, ca
     assert "will not fit" in err and "24" in err and "--force" in err
     assert main(["train", "--config", "ov-7b", "--plan", "--dtype", "bf16", "--strategy", "zero2"]) == 0
     assert "zero2" in capsys.readouterr().out
+
+
+def test_schedule_never_runs_past_the_planned_steps(small_meta, tmp_path):
+    trainer = Trainer(*build_trainable(tiny()), _mixture(small_meta), _opts(steps=40, max_seconds=1e6), tmp_path)
+    trainer.step = 40  # the last step done while the budget still had room
+    trainer.fit_to_budget(elapsed=10.0, rate=5.0)
+    assert trainer.total == 40
