@@ -519,6 +519,9 @@ class Trainer:
         if self.step < o.steps:
             stopped = f"time budget: schedule fitted to {self.step} of {o.steps} steps"
         self.extra["stopped"] = stopped
+        if ema is None and log_path.is_file():  # resumed with no step left: the run's last logged loss
+            lines = log_path.read_text().splitlines()
+            ema = json.loads(lines[-1]).get("loss") if lines else None
         evaluation = self.evaluate() if o.eval_data else None
         self.save(finished=True)
         rate = (self.step - start_step) / max(elapsed, 1e-9)

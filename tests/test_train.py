@@ -171,3 +171,14 @@ def test_schedule_never_runs_past_the_planned_steps(small_meta, tmp_path):
     trainer.step = 40  # the last step done while the budget still had room
     trainer.fit_to_budget(elapsed=10.0, rate=5.0)
     assert trainer.total == 40
+
+
+def test_resuming_a_run_with_no_step_left_reports_its_last_loss(small_meta, tmp_path):
+    from agvas.cli import main
+
+    args = ["train", "--out", str(tmp_path), "--data", str(small_meta), "--steps", "2", "--batch-size", "2",
+            "--warmup", "1", "--log-every", "1", "--workers", "0", "--no-progress", "--no-tensorboard"]
+    assert main(args) == 0
+    assert main(["train", "--out", str(tmp_path), "--resume", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["step"] == 2 and summary["loss_ema"] is not None
