@@ -15,6 +15,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from agvas.cli import CLIError
@@ -249,23 +250,18 @@ def _has_data(args) -> bool:
     return any(getattr(args, k, None) for k in ("data", "instruct", "seg", "general", "refer", "sem_seg", "vqa"))
 
 
-def _world_size() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def run(args) -> int:
     from .config import get_config
     from .train import CHECKPOINT, TrainOptions, Trainer, build_trainable, read_train_state, resume_trainer, set_threads
-    from .train_plan import check_fits, config_from_args, print_plan
+    from .train_plan import check_fits, config_from_args, print_plan, world_size_from_env
 
     if args.plan:
         return print_plan(args)
     if not args.out:
         raise CLIError("--out DIR is required (the run directory)")
-    world = _world_size()
-    set_threads(args.threads or (max(1, (__import__("os").cpu_count() or 1) // world) if world > 1 else None))
+    world = world_size_from_env()
+    # several processes share the cores: each takes its part (one process: 2, or 1 on a busy machine)
+    set_threads(args.threads or (max(1, (os.cpu_count() or 1) // world) if world > 1 else None))
     out = Path(args.out)
     if args.resume:
         if not (out / CHECKPOINT).is_dir():
