@@ -305,12 +305,16 @@ def quantize_int8_static(src: str | os.PathLike, dst: str | os.PathLike, reader,
                    calibration=method, activation_symmetric=symmetric, calibration_samples=len(reader))
 
 
-def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, Any]:
-    """fp16 weights and compute, float32 IO (``keep_io_types``); ORT's default op block list keeps
-    the ops without fp16 kernels in float32."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, *, fp16_io: bool = False,
+                 op_block_list: list[str] | None = None) -> dict[str, Any]:
+    """fp16 weights and compute (``export.precision.fp16_model``: the file-based converter, so
+    graphs above 2 GB convert). ``fp16_io=False`` keeps float graph IO float32; ``True`` makes it
+    fp16 — the GPU LLM, whose KV cache then stays fp16 from one decode step to the next.
+    ``op_block_list``: the ops kept float32 (default: ORT's list + LayerNorm/Softmax)."""
+    from export.precision import fp16_model
 
     src, dst, t0 = Path(src), Path(dst), time.perf_counter()
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    model = fp16_model(src, keep_io_types=not fp16_io, op_block_list=op_block_list)
     files = save_onnx(model, dst)
-    return _record("float16 (onnxruntime.transformers.float16, keep_io_types)", src, files, t0)
+    return _record("float16 (onnxruntime.transformers.float16, " + ("fp16 IO" if fp16_io else "keep_io_types") + ")",
+                   src, files, t0)

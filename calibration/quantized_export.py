@@ -121,7 +121,12 @@ class EngineBuilder:
         src = self.src(engine)
         gpu = o.target != "cpu"
         if precision == "fp16":
-            return {"precision": "fp16", **q.convert_fp16(src, dst)}
+            from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+
+            # as the genai builder's CUDA graph: fp16 throughout and, on GPU targets, fp16 KV IO
+            # (the present KV is bound as the next step's past with no cast per decode step)
+            return {"precision": "fp16", **q.convert_fp16(src, dst, fp16_io=gpu and engine == "llm",
+                                                          op_block_list=list(DEFAULT_OP_BLOCK_LIST))}
         if gpu:  # GroupQueryAttention runs on CUDA in fp16 only: quantize the fp16 graph
             src = self.build(engine, "fp16")[0]
         header = onnx.load(str(src), load_external_data=False)

@@ -14,16 +14,31 @@ from pathlib import Path
 FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax")
 
 
+def fp16_model(path: str | os.PathLike, *, keep_io_types: bool | list[str] = True,
+               op_block_list: list[str] | None = None):
+    """The fp16 ``ModelProto`` of the graph at ``path`` (the file is not changed).
+
+    The converter is given the *path*: it then runs ONNX shape inference on the file
+    (``infer_shapes_path``), which works above 2 GB, where the in-memory ``infer_shapes`` that a
+    loaded model gets cannot serialize the model (protobuf's 2 GB limit: ov-7b's graphs).
+    ``keep_io_types``: True keeps float graph IO float32; False makes it fp16 (the GPU LLM: its
+    KV cache then stays fp16 from step to step, no cast per decode step); a list keeps those
+    names float32. ``op_block_list``: ops kept float32 (default ORT's list + :data:`FP32_OPS`)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    blocked = list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS) if op_block_list is None else list(op_block_list)
+    model = convert_float_to_float16(str(Path(path).resolve()), keep_io_types=keep_io_types, op_block_list=blocked)
+    model = _toposorted(_dedupe_casts(model))
+    del model.graph.value_info[:]  # stale intermediate types; shape inference recomputes them
+    return model
+
+
 def convert_fp16(path: str | os.PathLike, *, external: bool) -> Path:
     """Convert the graph at ``path`` to fp16 in place (float32 IO, :data:`FP32_OPS` kept fp32)."""
     import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=True)
-    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS))
-    model = _toposorted(_dedupe_casts(model))
-    del model.graph.value_info[:]  # stale intermediate types; shape inference recomputes them
+    model = fp16_model(path)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     if external:

@@ -120,6 +120,43 @@ def test_quantized_engines_run_in_ort_cpu(calibrated, tmp_path, engine, fmt):
         assert snr_db(ref, got) > (12 if fmt.startswith(("int4", "int8")) else 30)
 
 
+def test_gpu_fp16_llm_keeps_its_kv_cache_fp16(calibrated, tmp_path):
+    """`quantize --target cuda|tensorrt --llm fp16`: the llm graph gets fp16 IO, so the present KV
+    is bound as the next step's past as is (no cast per decode step) — and the runtime's LLM
+    wrapper runs it (prefill + one decode step) close to the fp32 graph (ORT CPU runs fp16 GQA)."""
+    from calibration import quantize as q
+    from export.manifest import load_manifest
+    from runtime.engines import LLM, Engine, ort_providers
+
+    exp, cal, _ = calibrated
+    m = load_manifest(exp)
+    store = CalibrationStore(cal)
+    src, dst = m.engine_path("llm"), tmp_path / "llm_fp16.onnx"
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+
+    q.convert_fp16(src, dst, fp16_io=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST))
+    g = onnx.load(str(dst), load_external_data=False).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output)}
+    kv = [n for n in types if n.startswith(("past_key_values.", "present."))]
+    assert kv and all(types[n] == onnx.TensorProto.FLOAT16 for n in kv)
+    assert types["attention_mask"] == onnx.TensorProto.INT64
+    # the decode step's graph has no Cast on the KV path: every past input feeds GQA directly
+    consumers = {i: n.op_type for n in g.node for i in n.input}
+    assert all(consumers[n] == "GroupQueryAttention" for n in kv if n.startswith("past_"))
+    runs = {}
+    for name, path in (("fp32", src), ("fp16", dst)):
+        llm = LLM(Engine("llm", path, ort_providers("cpu", "llm", m), 2, None), m.llm)
+        assert llm.kv_dtype == (np.float16 if name == "fp16" else np.float32)
+        emb = next(store.samples("llm"))["inputs_embeds"]
+        h0, logits, past = llm(emb, None)
+        step = np.asarray(emb[:, -1:], np.float32)
+        h1, _, _ = llm(step, past)  # the present fp16 KV goes straight back in as past
+        runs[name] = (h0[:, -1], h1[:, -1], logits)
+    for a, b in zip(runs["fp32"], runs["fp16"]):
+        cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert cos.min() > 0.995, cos.min()
+
+
 def test_int4_bytes_match_the_memory_plan(calibrated, tmp_path):
     """The MatMulNBits tensors of the int4 llm equal the plan's int4 matrix bytes (decoder + LM head)."""
     from calibration import quantize as q
