@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # prints version or the usage error (exit 2)
         return 2
     verb = argv[0]
-    mod = _load(verb)
+    try:
+        mod = _load(verb)
+    except ModuleNotFoundError as e:  # a dependency of an extra this install does not have
+        extra = EXTRA_OF.get(e.name.split(".")[0] if e.name else "", "")
+        print(f"agvas {verb}: needs the Python package {e.name!r}, which is not installed"
+              + (f" (pip install 'agvas-edge[{extra}]')" if extra else ""), file=sys.stderr)
+        return 2
     vp = argparse.ArgumentParser(prog=f"agvas {verb}", description=VERBS[verb][1])
     if mod is None:
         vp.parse_args(argv[1:])
