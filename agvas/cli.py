@@ -20,10 +20,18 @@ VERBS: dict[str, tuple[str, str]] = {
     "calibrate": ("calibration.cli", "capture calibration data from the fp32 engines"),
     "quantize": ("calibration.quantize_cli", "quantize an export (int4/int8/fp16) behind an accuracy gate"),
     "inspect": ("runtime.cli", "batch-inspect images with an export directory"),
+    "doctor": ("runtime.doctor", "what this machine can run: ONNX Runtime providers, CUDA, TensorRT, GPU"),
     "bench": ("benchmarks.cli", "measure latency / throughput / memory / agreement per back-end"),
     "demo": ("agvas_train.demo", "the embedded default: synthetic data -> train tiny -> eval -> export -> inspect"),
     "info": ("agvas_train.info", "parameter counts and memory of the registered configs"),
 }
+
+
+# a missing top-level module -> the extra that brings it (pyproject.toml)
+EXTRA_OF = {"torch": "train", "transformers": "train", "peft": "train", "accelerate": "train",
+            "segment_anything": "train", "skimage": "train", "pycocotools": "train", "safetensors": "train",
+            "onnxscript": "export", "onnx_ir": "export", "onnxruntime_genai": "export",
+            "onnxruntime": "cpu", "ray": "ray", "tritonclient": "triton"}
 
 
 class CLIError(Exception):

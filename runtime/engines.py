@@ -32,6 +32,30 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+_PRELOADED: str | None = None
+
+
+def preload_cuda_libraries() -> str:
+    """Load CUDA and cuDNN before the first GPU session (``onnxruntime.preload_dlls``, ORT >= 1.21:
+    from a compatible torch, else pip's ``nvidia-*`` packages, else the system's library path), so
+    the CUDA / TensorRT providers load with a pip-installed CUDA. Once per process; a no-op where the
+    function is absent (older or NVIDIA-built wheels, which use the system's CUDA). Returns what it did."""
+    global _PRELOADED
+    if _PRELOADED is None:
+        import onnxruntime as ort
+
+        fn = getattr(ort, "preload_dlls", None)
+        if fn is None:
+            _PRELOADED = "onnxruntime has no preload_dlls (system CUDA libraries)"
+        else:
+            try:
+                fn()
+                _PRELOADED = "onnxruntime.preload_dlls()"
+            except Exception as e:  # noqa: BLE001 - the session creation then names what is missing
+                _PRELOADED = f"onnxruntime.preload_dlls() failed: {e}"
+    return _PRELOADED
+
+
 def ort_providers(provider: str, engine: str, manifest: Manifest) -> list:
     """The ONNX Runtime provider list for one engine (GPU providers checked to exist).
 
@@ -87,6 +111,8 @@ class Engine:
         # after three images with it, 4.8 GB without, same speed). Off by default.
         so.enable_cpu_mem_arena = arena
         self.name, self.path = name, path
+        if (providers[0] if isinstance(providers[0], str) else providers[0][0]) != "CPUExecutionProvider":
+            preload_cuda_libraries()
         self.session = ort.InferenceSession(str(path), so, providers=providers)
         want = providers[0] if isinstance(providers[0], str) else providers[0][0]
         got = self.session.get_providers()
