@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from agvas.atomic import make_temp_dir, publish_dir
 
 from .config import AGVASConfig
 from .lora import apply_lora, has_lora, merge_lora
@@ -59,8 +59,7 @@ def save_checkpoint(model: AGVAS, tokenizer, image_processor, out_dir: str | Pat
     out = Path(out_dir)
     base = dict(base or {"llava": None, "sam": None})
     full = not (base.get("llava") or base.get("sam"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}.")  # the umask's mode, not mkdtemp's 0700
     try:
         state = _unique_state(model, only_trainable=not full, full_state=state)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -82,15 +81,7 @@ def save_checkpoint(model: AGVAS, tokenizer, image_processor, out_dir: str | Pat
         (tmp / META).write_text(json.dumps(meta, indent=2))
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)  # every file gets the umask's mode (safetensors writes 0600), then the rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

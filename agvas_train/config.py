@@ -121,7 +121,9 @@ class AGVASConfig:
         return cls(pixel_encoder=PixelEncoderConfig(**pe), agmd=AGMDConfig(**agmd), **d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        from agvas.atomic import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "AGVASConfig":

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from agvas.atomic import write_text_atomic
+
 
 def _dataset(root: Path, size: int, n: int):
     from agvas_train.data.synthetic import SyntheticSpec, write_dataset
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
     def report(key, value):
         result[key] = value
         print(f"{key}: {json.dumps(value)}", flush=True)
-        (out / "gpu_train_check.json").write_text(json.dumps(result, indent=2))
+        write_text_atomic(out / "gpu_train_check.json", json.dumps(result, indent=2))
 
     # 1. 0.5b from a float16-saved directory, bf16 base, fp32 masters, checkpointing
     llava, sam = _save_real_layout(get_config(small), work)

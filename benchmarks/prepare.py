@@ -93,7 +93,9 @@ def _stamp_ok(folder: Path, source_hash: str) -> bool:
 
 
 def _stamp(folder: Path, source_hash: str) -> None:
-    (folder / ".bench_source").write_text(source_hash)
+    from agvas.atomic import write_text_atomic
+
+    write_text_atomic(folder / ".bench_source", source_hash)
 
 
 def agvas_cmd(*args: str, log: Path, produces: Path | None = None) -> None:

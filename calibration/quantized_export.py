@@ -455,9 +455,9 @@ def quantize_export(engines_dir: str | os.PathLike, calib_dir: str | os.PathLike
             return Outcome(None, gate, {e: r["precision"] for e, r in recs.items()}, trials)
         staging = Path(tmp) / "export"
         write_export(m, staging, files, recs, calibration, _jsonable(gate_rec))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
+        from agvas.atomic import publish_dir
+
+        publish_dir(staging, out_dir)  # the umask's modes on every file, then the rename
     return Outcome(out_dir, gate, {e: r["precision"] for e, r in recs.items()}, trials)
 
 

@@ -208,10 +208,7 @@ def write_manifest(root: str | os.PathLike, data: dict[str, Any]) -> Path:
     validate_schema(data, str(root / MANIFEST_NAME))
     Manifest(root, data).verify_files("bytes")
     path = root / MANIFEST_NAME
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)  # the temp file was private
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")  # the umask's mode (agvas.atomic)
     return path
 
 

@@ -168,14 +168,14 @@ def write_repository(export_dir: str | os.PathLike, out: str | os.PathLike, *, m
                      instances: int = 1, mode: str = "direct", overwrite: bool = False) -> Path:
     """Build the model repository for ``export_dir`` in ``out`` (written into a hidden sibling
     folder and renamed at the end, as ``agvas export`` does). Returns ``out``."""
-    from agvas.atomic import write_text_atomic
+    from agvas.atomic import make_temp_dir, publish_dir, write_text_atomic
 
     m = load_manifest(export_dir, verify="bytes")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}.partial.")
     try:
         models = {}
         for engine in ENGINE_MODELS:
@@ -200,10 +200,7 @@ def write_repository(export_dir: str | os.PathLike, out: str | os.PathLike, *, m
             shutil.copy2(m.engine_path(name), entry / "export" / m.engine(name)["file"])
         write_text_atomic(tmp / ENTRY_MODEL / "config.pbtxt",
                           to_pbtxt(entry_config(models, mode=mode, instances=instances)) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dir(tmp, out)  # the umask's modes (model.py keeps its x bit if it has one), then the rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

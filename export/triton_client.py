@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perf-data", help="only write perf_analyzer input data for the first image to this JSON file")
     args = p.parse_args(argv)
     if args.perf_data:
-        Path(args.perf_data).write_text(json.dumps(perf_analyzer_data(Path(args.images[0]).read_bytes())))
+        from agvas.atomic import write_text_atomic
+
+        write_text_atomic(args.perf_data, json.dumps(perf_analyzer_data(Path(args.images[0]).read_bytes())))
         print(f"perf_analyzer -m {args.model} --input-data {args.perf_data} -u {args.url} --concurrency-range 1:4")
         return 0
     import tritonclient.http as http
@@ -77,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"image": path, "verdict": "anomalous" if r["verdict"] else "normal",
                           "area_px": r["area_px"], "max_score": round(r["max_score"], 4), "text": r["text"]}))
         if args.mask and i == 0:
-            Image.fromarray(r["mask"].astype(np.uint8) * 255).save(args.mask)
+            from agvas.atomic import atomic_path
+
+            with atomic_path(args.mask, suffix=".png") as tmp:
+                Image.fromarray(r["mask"].astype(np.uint8) * 255).save(tmp, format="PNG")
     return 1 if failed else 0
 
 

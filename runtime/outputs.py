@@ -96,7 +96,7 @@ class OutputDir:
     # ---- per image ---------------------------------------------------------------------------
     def _commit(self, rec: dict) -> dict:
         line = (json.dumps(rec) + "\n").encode("utf-8")
-        fd = os.open(self.root / RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.root / RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             os.write(fd, line)
             os.fsync(fd)
