@@ -171,15 +171,29 @@ def capture(engines_dir: str | os.PathLike, src: list[str] | str, out_dir: str |
 
 def write_tensorrt_calibration(store: CalibrationStore, manifest, progress: bool = True,
                                log: Callable[[str], None] = print) -> CalibrationStore:
-    """TensorRT EP tables for the vision-side engines (and a native entropy cache where TensorRT
-    imports); the record goes into ``calibration.json`` under ``tensorrt``."""
+    """The TensorRT calibration files of the vision-side engines, under ``CAL/tensorrt/<engine>/``,
+    one per consumer (paths as ``export.tensorrt`` reads them):
+
+    - ``calibration.flatbuffers``: the ONNX Runtime TensorRT EP's table (ORT's format:
+      ``trt_int8_use_native_calibration_table`` false);
+    - ``tensorrt.cache``: the same min-max ranges in TensorRT's cache format, for
+      ``build_engines.sh --int8 --calib-dir CAL`` (``trtexec --calib``; the script sets its header
+      to the installed TensorRT version);
+    - ``entropy.cache``: TensorRT's own entropy calibration, only where ``tensorrt`` and
+      ``cuda-python`` import (else the reason is recorded; ``python -m export.tensorrt --int8
+      --calib-dir CAL`` calibrates on the target from the same samples).
+
+    The record goes into ``calibration.json`` under ``tensorrt``."""
     import json
 
     from agvas.atomic import write_text_atomic
+    from export.tensorrt import ENTROPY_CACHE, profiles
 
     from .readers import StoreReader, tensorrt_entropy_cache, tensorrt_ep_table
     from .store import META_NAME
 
+    max_batch = int(((manifest.data.get("gpu") or {}).get("tensorrt") or {}).get("max_batch", 4))
+    profs = profiles(manifest.data, max_batch)
     rec: dict[str, Any] = {}
     for name in TENSORRT_ENGINES:
         if name not in store.engines:
@@ -187,11 +201,12 @@ def write_tensorrt_calibration(store: CalibrationStore, manifest, progress: bool
         out = store.root / "tensorrt" / name
         path = manifest.engine_path(name)
         r = tensorrt_ep_table(path, StoreReader(store, name), out)
-        r["native_cache"] = tensorrt_entropy_cache(path, StoreReader(store, name), out / "entropy.cache")
+        r["native_cache"] = tensorrt_entropy_cache(path, store, name, manifest.engine(name)["inputs"], profs[name],
+                                                   store.root / ENTROPY_CACHE.format(engine=name))
         rec[name] = {**r, "dir": f"tensorrt/{name}"}
     skipped = {r["native_cache"]["skipped"] for r in rec.values() if "skipped" in r["native_cache"]}
     if skipped:
-        log(f"calibrate: native TensorRT entropy caches skipped: {skipped.pop()}")
+        log(f"calibrate: TensorRT entropy caches skipped: {skipped.pop()}")
     meta = dict(store.meta)
     meta["tensorrt"] = rec
     write_text_atomic(store.root / META_NAME, json.dumps(meta, indent=2) + "\n")

@@ -1,6 +1,12 @@
 """``agvas calibrate``: capture calibration data from the fp32 engines.
 
     agvas calibrate --engines DIR --images SRC --out CAL [-n 64] [--held-out 16]
+
+Besides the samples (``agvas quantize --calib CAL``), CAL holds the TensorRT INT8 files of the
+vision-side engines, ``CAL/tensorrt/<engine>/``: ``tensorrt.cache`` for
+``build_engines.sh --int8 --calib-dir CAL`` (trtexec), ``calibration.flatbuffers`` for the ONNX
+Runtime TensorRT EP, and the samples the Python builder (``python -m export.tensorrt EXPORT --int8
+--calib-dir CAL``) calibrates on.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="visual-token mode (default: the export's)")
     p.add_argument("--store-dtype", choices=("float16", "float32"), default="float16",
                    help="storage dtype of float inputs (default float16: half the size)")
-    p.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT calibration tables")
+    p.add_argument("--no-tensorrt", action="store_true",
+                   help="skip the TensorRT INT8 files (CAL/tensorrt/<engine>/: tensorrt.cache for build_engines.sh "
+                        "--int8 --calib-dir CAL, calibration.flatbuffers for the TensorRT EP)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -51,4 +59,8 @@ def run(args) -> int:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out}: {splits.count('calibration')} calibration + {splits.count('held_out')} held-out images, "
           + ", ".join(f"{e} {store.count(e)}" for e in store.engines) + f" samples, {size / 1e6:,.1f} MB")
+    if store.meta.get("tensorrt"):
+        print(f"TensorRT INT8: {out}/tensorrt/<engine>/ — build_engines.sh --int8 --calib-dir {out} (trtexec), "
+              f"python -m export.tensorrt {args.engines} --int8 --calib-dir {out}, or AGVAS_TRT_CALIB_DIR={out} for "
+              f"the TensorRT EP")
     return 1 if store.meta.get("skipped") else 0

@@ -357,11 +357,18 @@ def write_export(src_manifest, out_dir: Path, files: dict[str, Path], recs: dict
     data["created"] = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
     data["calibration"] = calibration
     data["accuracy_gate"] = gate
-    if any(data["engines"][e]["precision"] == "int8" for e in VISION_ENGINES if e in data["engines"]) \
-            and isinstance(data.get("gpu"), dict) and "tensorrt_ep" in data["gpu"]:
-        data["gpu"]["tensorrt_ep"].setdefault("options", {})["trt_int8_enable"] = True  # explicit QDQ int8
-        data["gpu"]["tensorrt_ep"]["int8_note"] = ("int8 vision engines are QDQ graphs (explicit quantization): "
-                                                   "no calibration table is needed for them")
+    if isinstance(data.get("gpu"), dict) and "tensorrt_ep" in data["gpu"]:
+        # the GPU settings follow the new precisions (export.tensorrt.gpu_settings): a QDQ int8
+        # engine gets trt_int8_enable and no calibration table (ORT: a QDQ model takes none), and
+        # the TensorRT build recipe builds it as explicitly quantized; build_engines.sh is rewritten
+        from export.tensorrt import BUILD_SCRIPT, DEFAULT_WORKSPACE_MB, gpu_settings, write_build_script
+
+        native = data["gpu"].get("tensorrt") or {}
+        max_batch = int(native.get("max_batch", 4))
+        workspace_mb = int(native.get("workspace_mb", DEFAULT_WORKSPACE_MB))
+        data["gpu"] = gpu_settings(data, max_batch, workspace_mb)
+        if (src_root / BUILD_SCRIPT).is_file():
+            write_build_script(out_dir, data, max_batch, workspace_mb)
     write_manifest(out_dir, data)
     return out_dir
 

@@ -6,7 +6,10 @@ Layout::
     CAL/calibration.json            what was captured, from which export, on which images
     CAL/inputs/{engine}-{k:03d}.npz  engine inputs, keys "{sample:05d}/{input name}"
     CAL/reference-{k:03d}.npz        per image "{image:05d}/mask" (packed bits), "/prob", "/anchor_states"
-    CAL/tensorrt/{engine}/           TensorRT EP calibration tables (calibration.flatbuffers, .cache, .json)
+    CAL/tensorrt/{engine}/           TensorRT INT8 files, one per consumer (calibration/readers.py):
+                                     tensorrt.cache (trtexec --calib via build_engines.sh --int8 --calib-dir CAL),
+                                     calibration.flatbuffers (ONNX Runtime TensorRT EP), calibration.json (the
+                                     ranges), entropy.cache (TensorRT's entropy calibration, where it ran)
 
 Float inputs are stored as float16 by default (half the size; readers hand them back as float32;
 an array that does not fit float16 is kept float32). Torch-free (numpy only).

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .exporter import PRECISIONS, TARGETS, VISION_TOKENS
 from .graphs import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD
+from .tensorrt import TENSORRT_OPSET
 
 STEPS = 10  # progress-bar length: load, 5 graphs, arrays, hf dir, llm, manifest
 
@@ -17,8 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="export directory to write (manifest.json + engines)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (ORT CPU and everywhere) or fp16 (GPU targets: CUDA / TensorRT EPs)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset of the torch-exported graphs "
-                   f"(default {DEFAULT_OPSET}; the llm graph is the builder's)")
+    p.add_argument("--opset", type=int, default=None, help=f"ONNX opset of the torch-exported graphs (default "
+                   f"{DEFAULT_OPSET}; {TENSORRT_OPSET} with --target tensorrt, the newest TensorRT 8.6 parses; the llm "
+                   f"graph is the builder's)")
     p.add_argument("--vision-tokens", choices=VISION_TOKENS, default="anyres",
                    help="default visual-token mode recorded in the manifest: anyres (HF packing) or base "
                         "(the base tile only: ~5-10x fewer LLM tokens)")

@@ -18,12 +18,14 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from agvas.atomic import make_temp_dir, publish_dir
+
 from .graphs import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, check_graph, contrib_ops
 from .manifest import MANIFEST_NAME, array_entry, new_manifest, onnx_entry, write_manifest
+from .tensorrt import TENSORRT_OPSET
 
 PRECISIONS = ("fp32", "fp16")
 VISION_TOKENS = ("anyres", "base")
@@ -70,11 +72,40 @@ def _preprocessing(cfg, proc) -> dict[str, Any]:
     }
 
 
+def convert_opset(path: str | os.PathLike, opset: int) -> None:
+    """Bring the graph at ``path`` down to ``opset`` when the exporter left it higher.
+
+    torch's dynamo exporter writes opset 18 and, when its own down-conversion fails, keeps 18
+    without an error (e.g. ``ReduceMean``'s axes input, which opset 17 has as an attribute):
+    ``--opset 17`` — what TensorRT 8.6's parser reads — would be a label only. ONNX's version
+    converter on the saved graph (constant axes by then) does it; ``noop_with_empty_axes``, which
+    the opset-13 Reduce ops do not know, is dropped (at its default 0). External data stays where
+    it is (the graph is loaded without it)."""
+    import onnx
+    from onnx import version_converter
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    have = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=opset)
+    if have <= opset:
+        return
+    model = version_converter.convert_version(model, opset)
+    for node in model.graph.node:
+        for attr in list(node.attribute):
+            if node.op_type.startswith("Reduce") and attr.name == "noop_with_empty_axes":
+                if attr.i:
+                    raise ValueError(f"{path}: node {node.name} reduces nothing on empty axes "
+                                     f"(noop_with_empty_axes=1), which opset {opset} cannot express")
+                node.attribute.remove(attr)
+    onnx.save(model, str(path))
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, precision: str = "fp32",
-                      opset: int = DEFAULT_OPSET, vision_tokens: str = "anyres", target: str = "onnx",
+                      opset: int | None = None, vision_tokens: str = "anyres", target: str = "onnx",
                       max_batch: int = 4, external_threshold: int = EXTERNAL_DATA_THRESHOLD, overwrite: bool = False,
                       progress: Callable[[str], None] | None = None) -> Path:
-    """Export ``checkpoint`` into ``out``; returns the path of the written manifest."""
+    """Export ``checkpoint`` into ``out``; returns the path of the written manifest. ``opset``:
+    default 17 for ``target="tensorrt"`` (the newest TensorRT 8.6 parses), else ``DEFAULT_OPSET``."""
     from agvas_train.checkpoint import checkpoint_hash, load_checkpoint
 
     from .llm import BUILDER_TARGETS, build_llm, llm_record, save_arrays, save_causal_lm
@@ -88,6 +119,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         raise ValueError(f"--vision-tokens must be one of {VISION_TOKENS}, got {vision_tokens!r}")
     if target not in TARGETS:
         raise ValueError(f"--target must be one of {TARGETS}, got {target!r}")
+    if opset is None:  # TensorRT 8.6's ONNX parser reads opsets up to 17 (JetPack 6.0)
+        opset = TENSORRT_OPSET if target == "tensorrt" else DEFAULT_OPSET
     if not 17 <= opset <= 23:
         raise ValueError(f"--opset must be within 17..23 (LayerNormalization needs 17), got {opset}")
     ckpt, out = Path(checkpoint), Path(out)
@@ -102,15 +135,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     sha = checkpoint_hash(ckpt)
     cfg, ids = model.cfg, model.ids
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an export is an ordinary folder
+    tmp = make_temp_dir(out.parent, f".{out.name}.partial.")  # mkdtemp's 0700 -> the umask's mode
     try:
         engines: dict[str, Any] = {}
         for name in GRAPH_ENGINES:
             step(f"export {name}")
             path, external = export_graph(model, name, tmp, opset=opset, external_threshold=external_threshold)
+            convert_opset(path, opset)
             if precision == "fp16":
                 convert_fp16(path, external=external)
             check_graph(path)
@@ -153,14 +184,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         if target == "tensorrt":
             write_build_script(tmp, data, max_batch)
         write_manifest(tmp, data)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)  # files and folders get the umask's modes, then the rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

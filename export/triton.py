@@ -110,12 +110,22 @@ def _tensor(engine: str, x: dict, batched: bool) -> dict:
 
 def _max_batch(m: Manifest, engine: str, max_batch: int, plan: bool) -> int:
     """The largest batch Triton may form: a TensorRT plan's profile maximum; for ONNX Runtime
-    ``max_batch`` images (the vision engine batches crops: that many images' worth of them)."""
-    from .tensorrt import axis_ranges
+    ``max_batch`` images (the vision engine batches crops: that many images' worth of them).
 
-    profiles = ((m.data.get("gpu") or {}).get("tensorrt") or {}).get("profiles") or {}
-    if plan and engine in profiles:
-        return min(int(p["max"][0]) for p in profiles[engine].values())
+    A plan's profile is the one its builder recorded beside it (``trt/<engine>.plan.json``, written
+    by ``build_engines.sh`` and ``python -m export.tensorrt``, so a plan rebuilt with another
+    ``--max-batch`` is served with its own); a plan without that record is taken to have the
+    export's profile (``gpu.tensorrt.profiles``)."""
+    from .tensorrt import axis_ranges, plan_record
+
+    native = (m.data.get("gpu") or {}).get("tensorrt") or {}
+    profiles = native.get("profiles") or {}
+    if plan:
+        rel = (native.get("plans") or {}).get(engine)
+        rec = plan_record(m.root / rel) if rel else None
+        prof = (rec or {}).get("profile") or profiles.get(engine)
+        if prof:
+            return min(int(p["max"][0]) for p in prof.values())
     return axis_ranges(m.data, max_batch)["n_crops"][2] * max_batch if engine == "vision" else max_batch
 
 

@@ -56,12 +56,19 @@ def preload_cuda_libraries() -> str:
     return _PRELOADED
 
 
-def ort_providers(provider: str, engine: str, manifest: Manifest) -> list:
+def ort_providers(provider: str, engine: str, manifest: Manifest, calib_dir: str | os.PathLike | None = None) -> list:
     """The ONNX Runtime provider list for one engine (GPU providers checked to exist).
 
     ``tensorrt`` puts the engines the manifest lists under ``gpu.tensorrt_ep.engines`` on the
-    TensorRT EP (its options + the engine's optimisation profile; cache and calibration paths made
-    absolute under the export directory) and the rest (the LLM) on the CUDA EP."""
+    TensorRT EP (its options + the engine's optimisation profile; the engine cache directory made
+    absolute under the export directory) and the rest (the LLM) on the CUDA EP.
+
+    INT8 on the TensorRT EP (ONNX Runtime's TensorRT-EP documentation): a QDQ engine runs with
+    ``trt_int8_enable`` and no calibration table (TensorRT loads none for a Q/DQ model); an fp32
+    engine runs INT8 only with the table ``agvas calibrate`` wrote: ``calib_dir`` (default: the
+    environment variable ``AGVAS_TRT_CALIB_DIR``) / ``tensorrt/<engine>/calibration.flatbuffers``,
+    ORT's format (``trt_int8_use_native_calibration_table`` false), passed relative to
+    ``trt_engine_cache_path`` as the EP reads it. Without one, INT8 is off and no table is named."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -79,10 +86,30 @@ def ort_providers(provider: str, engine: str, manifest: Manifest) -> list:
     cuda = ("CUDAExecutionProvider", dict((gpu.get("cuda_ep") or {}).get("options") or {}))
     if not use_trt:
         return [cuda, "CPUExecutionProvider"]
+    from export.tensorrt import EP_TABLE, calibrate_hint, engine_mode
+
     opts = {**(trt.get("options") or {}), **((trt.get("per_engine") or {}).get(engine) or {})}
-    for key in ("trt_engine_cache_path", "trt_int8_calibration_table_name"):
-        if key in opts:
-            opts[key] = str((manifest.root / opts[key]).resolve())
+    cache = (manifest.root / opts.get("trt_engine_cache_path", "trt_cache")).resolve()
+    opts["trt_engine_cache_path"] = str(cache)
+    table_keys = ("trt_int8_calibration_table_name", "trt_int8_use_native_calibration_table")
+    for key in table_keys:  # an older manifest's table names: never a path that is not wanted
+        opts.pop(key, None)
+    try:
+        qdq = engine_mode(manifest.data, engine) == "qdq"
+    except ValueError:
+        qdq = False
+    calib_dir = calib_dir if calib_dir is not None else os.environ.get("AGVAS_TRT_CALIB_DIR") or None
+    if qdq:
+        opts["trt_int8_enable"] = True  # explicit quantization: INT8 on, no table
+    elif calib_dir is not None:
+        table = (Path(calib_dir) / EP_TABLE.format(engine=engine)).resolve()
+        if not table.is_file():
+            raise FileNotFoundError(f"engine {engine!r}: no INT8 calibration table {table} "
+                                    f"({calibrate_hint(manifest.root, calib_dir)})")
+        opts.update(trt_int8_enable=True, trt_int8_use_native_calibration_table=False,
+                    trt_int8_calibration_table_name=os.path.relpath(table, cache))
+    else:
+        opts["trt_int8_enable"] = False
     return [("TensorrtExecutionProvider", opts), cuda, "CPUExecutionProvider"]
 
 

@@ -174,15 +174,91 @@ def test_tensorrt_build_script(tiny_export):
     assert "--minShapes=sam_input:1x3x128x128 --optShapes=sam_input:1x3x128x128 --maxShapes=sam_input:4x3x128x128" in text
     assert "--maxShapes=semantic_tokens:4x88x128,pixel_embedding:4x64x16x16" in text
     assert "--minShapes=semantic_tokens:1x17x128" in text
-    assert "flags+=(--fp16)" in text and 'flags+=(--int8 "--calib=$cache")' in text and 'cache="calibration/${name}.cache"' in text
+    assert "--memPoolSize=workspace:4096 " in text  # MiB without a unit: TensorRT 8.6 takes no suffix
+    # INT8 reads what `agvas calibrate --out CAL` writes, given as --calib-dir CAL
+    assert '"--calib=${CAL}/tensorrt/vision/tensorrt.cache"' in text and "calibration/vision.cache" not in text
+    args = [ln for ln in text.splitlines() if "ARGS=(trtexec " in ln]
+    assert len(args) == 4 * 2 * 4  # engines x TensorRT 8 / 10 x (--fp16, --int8) on / off
+    assert not any("--stronglyTyped" in ln for ln in args)  # an fp32 export: weakly typed on both majors
+    assert "--precisionConstraints=obey" in text and "LAYERS_sam_encoder=" in text
     gpu = m.data["gpu"]
     assert gpu["tensorrt_ep"]["per_engine"]["spam"]["trt_profile_max_shapes"] == "semantic_tokens:4x88x128,pixel_embedding:4x64x16x16"
     assert gpu["tensorrt_ep"]["options"]["trt_fp16_enable"] is True
+    assert gpu["tensorrt_ep"]["options"]["trt_int8_use_native_calibration_table"] is False
+    assert "trt_int8_calibration_table_name" not in json.dumps(gpu)
     assert gpu["tensorrt"]["plans"]["agmd"] == "trt/agmd.plan"
+    # TensorRT 8.6 parses ONNX opsets up to 17: the default of --target tensorrt
+    assert m.data["export"]["opset"] == 17
+    assert {o.version for o in onnx.load(str(m.engine_path("agmd"))).opset_import if o.domain in ("", "ai.onnx")} == {17}
     # without trtexec the script stops with a clear message
     r = subprocess.run(["bash", str(m.root / "build_engines.sh")], capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "trtexec not found" in r.stderr
+
+
+def _dry_run(root, *args):
+    r = subprocess.run(["bash", str(root / "build_engines.sh"), "--dry-run", *args], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin"})
+    return r.returncode, r.stdout, r.stderr
+
+
+def _named_files(root, out: str) -> list:
+    """The files a printed trtexec command reads (--onnx, --calib), relative to the export."""
+    from pathlib import Path
+
+    files = []
+    for line in out.splitlines():
+        for word in line.split():
+            for opt in ("--onnx=", "--calib="):
+                if word.startswith(opt):
+                    p = Path(word[len(opt):])
+                    files.append(p if p.is_absolute() else root / p)
+    return files
+
+
+def test_build_engines_dry_run_after_calibrate(tiny_export, tmp_path):
+    """The acceptance path: after `agvas export --target tensorrt` and `agvas calibrate`,
+    `build_engines.sh --int8 --dry-run` exits 0 and every file it names exists; before
+    calibrating it exits 2 naming the missing file and the command that makes it."""
+    from PIL import Image
+
+    from agvas.cli import main
+    from agvas_train.data.synthetic import make_sample
+    from agvas_train.train import QUICK_SPEC
+
+    _, m, _, _, _ = tiny_export
+    for major in ("8", "10"):
+        rc, out, err = _dry_run(m.root, "--trt-major", major)
+        assert rc == 0, err
+        files = _named_files(m.root, out)
+        assert len(out.splitlines()) == 4 and len(files) == 4 and all(f.is_file() for f in files)
+    cal = tmp_path / "cal"
+    rc, out, err = _dry_run(m.root, "--int8", "--calib-dir", str(cal))
+    assert rc == 2 and not out
+    assert f"missing {cal}/tensorrt/vision/tensorrt.cache" in err and f"agvas calibrate --engines {m.root}" in err
+    images = tmp_path / "images"
+    images.mkdir()
+    cats = QUICK_SPEC["train_categories"]
+    for i in range(3):
+        s = make_sample(cats[i % len(cats)], None, seed=5, index=i)
+        Image.fromarray(s.image).resize((96, 80 + 16 * i)).save(images / f"p{i}.png")
+    assert main(["calibrate", "--engines", str(m.root), "--images", str(images), "--out", str(cal), "-n", "3",
+                 "--held-out", "0", "--no-progress"]) == 0
+    for major in ("8", "10"):
+        rc, out, err = _dry_run(m.root, "--int8", "--calib-dir", str(cal), "--trt-major", major)
+        assert rc == 0, err
+        files = _named_files(m.root, out)
+        assert len(files) == 8 and all(f.is_file() for f in files), files
+        assert all("--int8" in line and "--calib=" in line for line in out.splitlines())
+    cache = (cal / "tensorrt" / "sam_encoder" / "tensorrt.cache").read_text().splitlines()
+    assert cache[0] == "TRT-0-EntropyCalibration2" and len(cache) > 1  # build_engines.sh sets the version
+    assert (cal / "tensorrt" / "sam_encoder" / "calibration.flatbuffers").is_file()  # the TensorRT EP's table
+    assert not (cal / "tensorrt" / "sam_encoder" / "calibration.cache").exists()  # ORT's text table: no reader
+    # the Python builder's dry run is the same; it also reads the samples of CAL
+    py = subprocess.run([sys.executable, "-m", "export.tensorrt", str(m.root), "--int8", "--calib-dir", str(cal),
+                         "--dry-run", "--trt-major", "8"], capture_output=True, text=True)
+    assert py.returncode == 0, py.stderr
+    assert py.stdout == _dry_run(m.root, "--int8", "--calib-dir", str(cal), "--trt-major", "8")[1]
 
 
 def test_ov_profiles_match_hf_token_counts():

@@ -1,0 +1,1 @@
+"""Stand-ins for GPU-only modules, installed by tests through ``monkeypatch.setitem(sys.modules, ...)``."""
