@@ -257,14 +257,23 @@ class Engines:
     """All engines of an export. ``files`` overrides engine files by name (e.g. a quantized
     ``{"llm": "llm_int4.onnx"}``); an override's IO is checked against the manifest by name.
     ``spin``: let ONNX Runtime's intra-op workers spin-wait; ``arena``: ORT's CPU memory arena
-    (see :class:`Engine`)."""
+    (see :class:`Engine`).
+
+    ``batch_llm``: run a group of equal-length prompts through the LLM as one batch (``True``) or
+    row by row (``False``); ``None`` (default) picks batched on GPU providers and rows on the CPU,
+    where ONNX Runtime's GroupQueryAttention gains nothing from a batch. Both give the same
+    tokens; ``True`` on the CPU runs (and tests) the GPU's batched code path.
+
+    ``calib_dir``: the ``agvas calibrate`` directory whose TensorRT-EP tables turn INT8 on for the
+    fp32 engines on ``provider="tensorrt"`` (see :func:`ort_providers`)."""
 
     def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int | None = None,
-                 files: dict[str, str | os.PathLike] | None = None, spin: bool = False, arena: bool = False) -> None:
+                 files: dict[str, str | os.PathLike] | None = None, spin: bool = False, arena: bool = False,
+                 batch_llm: bool | None = None, calib_dir: str | os.PathLike | None = None) -> None:
         self.manifest = manifest
         self.provider = provider
         self.threads = threads or default_threads()
-        self.batch_llm = provider != "cpu"  # one batched LLM pass (GPU); CPU runs the rows one by one
+        self.batch_llm = provider != "cpu" if batch_llm is None else bool(batch_llm)
         files = dict(files or {})
         unknown = sorted(set(files) - set(manifest.engines))
         if unknown:
@@ -274,7 +283,7 @@ class Engines:
 
         def onnx(name: str) -> Engine:
             path = self._path(name, files)
-            return Engine(name, path, ort_providers(ep, name, manifest), self.threads,
+            return Engine(name, path, ort_providers(ep, name, manifest, calib_dir), self.threads,
                           manifest if name not in files else None, spin, arena)
 
         if provider == "tensorrt-native":

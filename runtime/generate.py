@@ -42,7 +42,7 @@ def decode_loop(llm: LLM, table: np.ndarray, h: np.ndarray, logits: np.ndarray, 
     """Continue greedy decoding for a batch from the last hidden state ``h [B,H]`` / ``logits [B,V]``
     and the KV cache ``past``; appends to ``tokens`` / ``states`` in place. Finished rows keep
     running (their outputs ignored) so that the batch stays rectangular."""
-    done = [bool(t) and t[-1] == eos for t in tokens]
+    done = [bool(t) and (t[-1] == eos or len(t) >= max_new) for t in tokens]
     while not all(done):
         tok = logits.argmax(-1)
         for b in range(len(tokens)):
@@ -77,9 +77,19 @@ def forced_answer(llm: LLM, lm_head: Engine, table: np.ndarray, embeds: np.ndarr
                   anchors: tuple[int, ...], eos: int, max_new: int, clock) -> list[Generation]:
     """The fast path for a batch of prompts ``embeds [B,S,H]`` and the expected ``answer``
     (ending with EOS). One prefill over prompt + answer[:-1]; verification with ``lm_head`` at
-    the k answer positions; per-row fallback to :func:`decode_loop` at the first mismatch."""
+    the k answer positions; per-row fallback to :func:`decode_loop` at the first mismatch.
+
+    A fallback row continues alone (batch 1) from a copy of its row of the KV cache cut to the
+    prompt and its verified tokens, so the other rows are never touched; a row whose verified
+    answer does not end with EOS (an ``answer`` without it) continues the same way."""
     b, s, _ = embeds.shape
+    answer = list(answer)
+    if eos in answer:  # greedy decoding stops at the first EOS: nothing after it is verified
+        answer = answer[:answer.index(eos) + 1]
     k = min(len(answer), max_new)
+    if k < 1:
+        raise ValueError(f"forced answer needs at least one token and max_new >= 1 "
+                         f"(answer {answer}, max_new {max_new})")
     forced = np.concatenate([embeds, np.broadcast_to(table[answer[:k - 1]], (b, k - 1, table.shape[1]))], axis=1)
     t0 = clock()
     hidden, _, past = llm(forced, None)
@@ -96,8 +106,9 @@ def forced_answer(llm: LLM, lm_head: Engine, table: np.ndarray, embeds: np.ndarr
             t = answer[j] if j < m else int(pred[i, j])
             _capture(states, t, h[i, j], anchors)
             tokens.append(t)
-        if m < k and tokens[-1] != eos and len(tokens) < max_new:
-            row_past = llm.truncate(past, s + m, row=i)  # prompt + the m verified answer tokens
+        if tokens[-1] != eos and len(tokens) < max_new:
+            # the KV cache holds the prompt + tokens[:-1] (for a mismatch at m: the m verified ones)
+            row_past = llm.truncate(past, s + len(tokens) - 1, row=i)
             hid, logits, row_past = llm(table[[tokens[-1]]][None], row_past)
             tt, ss = [tokens], [states]
             decode_loop(llm, table, hid[:, -1], logits, row_past, tt, ss, anchors, eos, max_new)

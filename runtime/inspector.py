@@ -112,13 +112,23 @@ class Inspector:
       shared machine spinning costs far more than it saves).
     - ``arena``: ONNX Runtime's CPU memory arena (off by default: with it every session keeps
       and grows its peak activation buffers — ov-0.5b 9.5 GB instead of 4.8 GB, same speed).
+    - ``batch_llm``: images of equal visual length in one ``stream`` chunk share one batched LLM
+      pass (``True``) or run row by row (``False``); ``None`` (default): batched on GPU providers,
+      rows on the CPU. ``True`` on the CPU runs the GPU's batched code path (same results).
+    - ``strict``: a batched LLM pass that raises is re-raised instead of being retried image by
+      image. Without it the retry isolates a failing image, but it is counted
+      (``batch_retries``), logged as a warning and reported in ``agvas inspect``'s summary: on
+      valid input it means a bug in the batched path. ``batched_llm_passes`` / ``batched_llm_rows``
+      count the passes that ran with more than one row.
     """
 
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu", mode: str = "direct", *,
                  normal_sentence: str | None = None, vision_tokens: str | None = None, threads: int | None = None,
                  fast_path: bool = True, threshold: float | None = None, min_area: int = 0,
                  max_new_tokens: int | None = None, engine_files: dict | None = None, verify: str = "bytes",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, spin: bool = False, arena: bool = False) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, spin: bool = False, arena: bool = False,
+                 batch_llm: bool | None = None, strict: bool = False,
+                 calib_dir: str | os.PathLike | None = None) -> None:
         self.manifest: Manifest = load_manifest(export_dir, verify=verify)
         m = self.manifest.data
         self.mode = normalize_mode(mode)
@@ -128,7 +138,8 @@ class Inspector:
         if self.vision_tokens not in vt["supported"]:
             raise ValueError(f"--vision-tokens {self.vision_tokens!r}: the export {export_dir} supports "
                              f"{vt['supported']}")
-        self.engines = Engines(self.manifest, provider, threads, engine_files, spin, arena)
+        self.engines = Engines(self.manifest, provider, threads, engine_files, spin, arena, batch_llm=batch_llm,
+                               calib_dir=calib_dir)
         self.prompt = Prompt(m["prompt"], Path(export_dir) / "tokenizer")
         self.pre_ids, self.post_ids = self.prompt.split_ids(self.mode, normal_sentence)  # validates the mode now
         self.siglip = SiglipParams.from_manifest(m["preprocessing"]["siglip"])
@@ -146,6 +157,9 @@ class Inspector:
         self.min_area = int(min_area)
         self.max_new_tokens = int(max_new_tokens or m["config"].get("max_new_tokens", 64))
         self.max_pixels = max_pixels
+        self.strict = bool(strict)
+        self.batch_retries = 0  # batched LLM passes that raised and were retried image by image
+        self.batched_llm_passes = self.batched_llm_rows = 0  # LLM passes over more than one row, and their rows
 
     # ---- stages -------------------------------------------------------------------------------
     def _load(self, image) -> Image.Image:
@@ -173,14 +187,21 @@ class Inspector:
         return _Encoded(img, visual, pix, input_size, t)
 
     def generate(self, batch: list[_Encoded]) -> list[Generation]:
-        """Prefill + decode for encodings of equal visual length: one batched LLM pass on GPU
-        providers; on CPU one row after the other (the same results: ONNX Runtime's CPU
-        GroupQueryAttention gains nothing from a batch, and a long batched prefill was measured
-        many times slower than the rows one by one at ov-0.5b dims)."""
+        """Prefill + decode for encodings of equal visual length: one batched LLM pass when
+        ``engines.batch_llm`` (GPU providers by default, or ``batch_llm=True``); otherwise one row
+        after the other (the CPU default; the same results: ONNX Runtime's CPU GroupQueryAttention
+        gains nothing from a batch, and a long batched prefill was measured many times slower than
+        the rows one by one at ov-0.5b dims). Equal visual lengths make equal prompt lengths (the
+        text around the image is the same for every row), so a batch is never padded."""
         if len(batch) > 1 and not self.engines.batch_llm:
             return [g for b in batch for g in self.generate([b])]
         e = self.engines
+        if len({b.visual.shape for b in batch}) > 1:  # the prompt around them is the same for every row
+            raise ValueError(f"one LLM batch needs equal visual lengths, got {[b.visual.shape[0] for b in batch]}")
         visual = np.stack([b.visual for b in batch])
+        if len(batch) > 1:
+            self.batched_llm_passes += 1
+            self.batched_llm_rows += len(batch)
         embeds = embed_prompt(e.embed_tokens, self.pre_ids, visual, self.post_ids)
         if self.fast_path:
             return forced_answer(e.llm, e.lm_head, e.embed_tokens, embeds, self.answer, self.anchors, self.eos,
@@ -291,11 +312,17 @@ class Inspector:
             if len(group) == 1:
                 yield group[0][0], e
                 return
-            # isolate the failing image; say so, so that a batch-path bug does not pass unseen
-            log.warning("LLM pass over %d images failed (%s: %s); running them one by one",
-                        len(group), type(e).__name__, e)
-            for g in group:
-                yield from self._run_group([g])
+            # isolate the failing image; count it and say so, so that a batch-path bug does not pass unseen
+            if self.strict:
+                raise
+            self.batch_retries += 1
+            log.warning("batched LLM pass over %d images failed (%s: %s); retrying them one by one "
+                        "(retry %d of this run)", len(group), type(e).__name__, e, self.batch_retries)
+            alone = [r for g in group for r in self._run_group([g])]
+            if not any(isinstance(r, Exception) for _, r in alone):
+                log.error("every image of that batch succeeded alone: the batched LLM path failed on valid input "
+                          "(a bug; rerun with strict=True / batch_llm=False to investigate)")
+            yield from alone
             return
         for (i, enc), gen in zip(group, gens):
             try:

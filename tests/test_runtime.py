@@ -4,6 +4,11 @@ Parity on a tiny model that emits the anchors: same text and tokens, anchor-stat
 >= 0.9999, mask IoU >= 0.999 over 24 images (square and non-square, normal and anomalous);
 the forced-answer fast path equals the decode loop, and falls back correctly on a mismatch;
 batched == one by one; the runtime imports and runs with torch/transformers unimportable.
+
+The batched LLM path (GPU providers, Triton) runs here on the CPU with ``batch_llm=True`` and
+``strict=True``: against one by one and the reference, on a decoder fine-tuned so that one image
+of a batch hits the fast path while others fall back at different tokens and end at different
+lengths (fixture ``diverging``).
 """
 
 from __future__ import annotations
@@ -183,6 +188,10 @@ def test_fast_path_mismatch_falls_back(inspector, where):
 
 
 def test_batch_equals_one_by_one(tiny_export, inspector):
+    """The batched LLM path (``batch_llm=True``, what GPU providers run; strict: a failing batch
+    raises instead of being retried one by one) against the CPU's default one-by-one path."""
+    from runtime import Inspector
+
     # three of one size (batched together), others of other sizes; a bad one in the middle
     imgs = [random_image(700 + i, 96, 80) for i in range(3)] + [random_image(710, 64, 64), b"not an image",
                                                                  random_image(711, 64, 64), random_image(712, 131, 67)]
@@ -190,7 +199,9 @@ def test_batch_equals_one_by_one(tiny_export, inspector):
 
     imgs[4] = io.BytesIO(imgs[4])
     one = [inspector.inspect(im) if not isinstance(im, io.BytesIO) else None for im in imgs]
-    got = list(inspector.stream(imgs, batch_size=4))
+    batched = Inspector(tiny_export, threads=2, batch_llm=True, strict=True)
+    got = list(batched.stream(imgs, batch_size=4))
+    assert (batched.batched_llm_passes, batched.batched_llm_rows, batched.batch_retries) == (1, 3, 0)
     assert [i for i, _ in got] == list(range(len(imgs)))
     for (i, r), ref in zip(got, one):
         if ref is None:
@@ -199,9 +210,11 @@ def test_batch_equals_one_by_one(tiny_export, inspector):
         assert not isinstance(r, Exception), r
         _same_generation(r, ref)
         assert r.n_visual == ref.n_visual
+        assert r.fast_path == ref.fast_path == "hit"
     with pytest.raises(ValueError, match="not an image"):
         inspector.inspect_batch(imgs, batch_size=2)
     assert len(inspector.inspect_batch(imgs[:4], batch_size=3)) == 4
+    assert inspector.batch_retries == 0
 
 
 def test_result_has_reference_attribute_names(inspector):
@@ -297,3 +310,225 @@ def test_runtime_runs_without_torch_and_transformers(tiny_export, tmp_path):
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")][0]
     assert line.endswith("(80, 96) 0 []"), line
     assert (tmp_path / "out" / "masks" / "a.png").is_file()
+
+
+# ---- the batched LLM path (GPU providers, Triton) run on the CPU: Inspector(batch_llm=True) ----------------------
+# Rows of one batch share one prefill; the fast path falls back per row; greedy decoding runs the rows together
+# until the last one ends. A real LLM whose greedy answer differs per image drives it: the trained tiny model's
+# decoder fine-tuned (text loss) so that three images of one size answer differently.
+
+DIVERGE_ANSWERS = ("Sure, it is [NOR][ANO][SEG].",  # the canonical answer: the fast path hits
+                   "Sure, [NOR][ANO][SEG].",  # shorter: falls back at token 2, ends first
+                   "Sure, it is [NOR][ANO][SEG], it is.")  # longer: falls back at token 8 (after the anchors)
+
+
+@pytest.fixture(scope="session")
+def diverging(trained_tiny_checkpoint, tmp_path_factory):
+    """``(llm_path, images, reference)``: the trained tiny checkpoint's decoder fine-tuned so that
+    ``images[i]`` (three of one size) answers ``DIVERGE_ANSWERS[i]``, built as an ``llm`` engine alone
+    (used through ``engine_files``: the other engines, the embeddings and the LM head are unchanged), and
+    the PyTorch reference of that model. ~20 s."""
+    import torch
+
+    from agvas_train.checkpoint import load_checkpoint
+    from agvas_train.reference import ReferencePipeline, prompt_ids
+    from agvas_train.templates import CANONICAL_DIRECT_ANSWER, canonical_instruction
+    from export.llm import build_llm, save_causal_lm
+
+    assert DIVERGE_ANSWERS[0] == CANONICAL_DIRECT_ANSWER
+    torch.manual_seed(0)
+    model, tok, proc, _ = load_checkpoint(trained_tiny_checkpoint, merge=True)
+    ref = ReferencePipeline(model, tok, proc)
+    images = [random_image(600 + i, 96, 80) for i in range(len(DIVERGE_ANSWERS))]
+    instruction = canonical_instruction("direct")
+    rows = []
+    with torch.no_grad():
+        for img, answer in zip(images, DIVERGE_ANSWERS):
+            visual, _ = ref.encode(ref.prepare(img))
+            n_prompt = len(prompt_ids(tok, model, instruction, visual.shape[1]))
+            ids = torch.tensor([prompt_ids(tok, model, instruction, visual.shape[1], answer + model.cfg.eos_token)])
+            rows.append((model.embed_prompt(ids, visual), ids[0, n_prompt:], n_prompt))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = list(model.language_model.layers.parameters())  # not the embeddings / norm / LM head: their engines stay
+    for p in layers:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(layers, lr=1e-3)
+    for step in range(150):
+        loss, right = 0.0, True
+        for emb, target, n_prompt in rows:
+            h = model.language_model(inputs_embeds=emb).last_hidden_state
+            logits = model.lm_head(h[0, n_prompt - 1:-1])
+            loss = loss + torch.nn.functional.cross_entropy(logits, target)
+            right &= bool((logits.argmax(-1) == target).all())
+        if right and float(loss.detach()) < 0.3:  # argmax right at every teacher-forced answer token: greedy
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for img, answer in zip(images, DIVERGE_ANSWERS):
+        assert ref(img).text == answer, "the fine-tuned decoder does not give each image its answer"
+    out = tmp_path_factory.mktemp("diverging_llm")
+    save_causal_lm(model, tok, out / "hf")
+    llm = build_llm(out / "hf", out, "fp32", filename="llm_diverging.onnx")
+    shutil.rmtree(out / "hf")
+    return llm, images, ref
+
+
+def _gen_equal(a, b):
+    """Two Generations: same tokens, fast-path label and anchor states (float noise only)."""
+    assert a.tokens == b.tokens and a.fast_path == b.fast_path, (a.tokens, b.tokens, a.fast_path, b.fast_path)
+    assert sorted(a.states) == sorted(b.states)
+    for k in a.states:
+        np.testing.assert_allclose(a.states[k], b.states[k], rtol=0, atol=2e-5)
+
+
+def _against_reference(insp, ref, img, gen, max_new=None):
+    """An Inspector generation (finished into a Result) against the PyTorch reference of the same model."""
+    enc = insp.encode(img)
+    got = insp.finish(enc, gen)
+    want = ref(img, max_new_tokens=max_new)
+    assert got.tokens == want.tokens and got.text == want.text
+    assert got.anchors_found == want.anchors_found
+    if want.anchors_found:
+        assert min(cosines(got.anchor_states, want.anchor_states.numpy())) >= 0.9999
+        assert iou(got.mask, want.mask) >= 0.999
+
+
+def _pair(tiny_export, llm, **kw):
+    """The batched path (strict: a failing batch raises) and the one-by-one path over the same engines."""
+    from runtime import Inspector
+
+    files = {"llm": llm}
+    return (Inspector(tiny_export, threads=2, engine_files=files, batch_llm=True, strict=True, **kw),
+            Inspector(tiny_export, threads=2, engine_files=files, batch_llm=False, **kw))
+
+
+def test_batch_llm_option_defaults(inspector):
+    assert inspector.engines.batch_llm is False  # CPU default: rows one by one
+    assert inspector.strict is False and inspector.batch_retries == 0
+
+
+def test_batched_fast_path_one_row_hits_others_fall_back(tiny_export, diverging):
+    llm, images, ref = diverging
+    batched, single = _pair(tiny_export, llm)
+    assert batched.engines.batch_llm and not single.engines.batch_llm
+    order = [1, 0, 2, 1]  # the short answer twice: two rows fall back at the same token
+    encs = [batched.encode(images[i]) for i in order]
+    gens = batched.generate(encs)
+    assert [g.fast_path for g in gens] == ["fallback@2", "hit", "fallback@8", "fallback@2"]
+    assert [len(g.tokens) for g in gens] == [8, 10, 13, 8]
+    assert (batched.batched_llm_passes, batched.batched_llm_rows, batched.batch_retries) == (1, 4, 0)
+    for i, enc, gen in zip(order, encs, gens):
+        _gen_equal(gen, single.generate([enc])[0])
+        assert set(gen.timings) == {"prefill", "decode"}
+        assert all(np.isfinite(v) and v >= 0 for v in gen.timings.values())
+        assert gen.prefill_tokens == encs[0].visual.shape[0] + len(batched.pre_ids) + len(batched.post_ids)
+    for i, gen in zip(order[:3], gens[:3]):
+        _against_reference(batched, ref, images[i], gen)
+    # an answer without its EOS: verified rows go on decoding to EOS; still the greedy result
+    batched.answer = single.answer = batched.answer[:-1]
+    gens = batched.generate(encs)
+    assert [g.fast_path for g in gens] == ["fallback@2", "hit", "fallback@8", "fallback@2"]
+    for enc, gen in zip(encs, gens):
+        _gen_equal(gen, single.generate([enc])[0])
+    assert gens[1].tokens[-1] == batched.eos and len(gens[1].tokens) == 10
+
+
+@pytest.mark.parametrize("max_new", [None, 9, 1])
+def test_batched_greedy_rows_end_at_different_lengths(tiny_export, diverging, max_new):
+    """No fast path: one prefill for the batch, then one decode step per token for all rows until
+    the longest ends; finished rows' outputs are ignored. ``max_new=9``: row 1 ends by EOS (8
+    tokens), rows 0 and 2 by the limit."""
+    llm, images, ref = diverging
+    batched, single = _pair(tiny_export, llm, fast_path=False, max_new_tokens=max_new)
+    encs = [batched.encode(img) for img in images]
+    gens = batched.generate(encs)
+    n = {None: [10, 8, 13], 9: [9, 8, 9], 1: [1, 1, 1]}[max_new]
+    assert [len(g.tokens) for g in gens] == n and all(g.fast_path == "off" for g in gens)
+    assert (gens[1].tokens[-1] == batched.eos) is (max_new != 1)
+    for enc, gen in zip(encs, gens):
+        _gen_equal(gen, single.generate([enc])[0])
+    if max_new != 1:
+        for img, gen in zip(images, gens):
+            _against_reference(batched, ref, img, gen, max_new)
+    # the fast path under the same limit gives the same tokens
+    fast, _ = _pair(tiny_export, llm, max_new_tokens=max_new)
+    assert [g.tokens for g in fast.generate(encs)] == [g.tokens for g in gens]
+
+
+def test_batched_stream_groups_equal_visual_lengths(tiny_export, diverging):
+    """``stream`` batches runs of equal visual length (their prompts are then equal too: the text
+    around the image is the same for every row, so no row is ever padded); another size or a failed
+    image ends a group. Batched == one by one, and the retry fallback never fires."""
+    import io
+
+    llm, images, _ = diverging
+    batched, single = _pair(tiny_export, llm)
+    other = random_image(620, 64, 64)
+    imgs = [images[0], images[1], other, images[2], images[1], io.BytesIO(b"not an image"), images[0], images[2],
+            random_image(621, 131, 67)]
+    n_visual = [batched.encode(im).visual.shape[0] if not isinstance(im, io.BytesIO) else None for im in imgs]
+    assert n_visual[0] == n_visual[1] != n_visual[2] != n_visual[8]
+    got = list(batched.stream(imgs, batch_size=len(imgs)))
+    assert [i for i, _ in got] == list(range(len(imgs)))
+    # groups: [0, 1] [2] [3, 4] (error 5) [6, 7] [8]
+    assert (batched.batched_llm_passes, batched.batched_llm_rows, batched.batch_retries) == (3, 6, 0)
+    for (i, r), im in zip(got, imgs):
+        if isinstance(im, io.BytesIO):
+            assert isinstance(r, ValueError) and "not an image" in str(r)
+            continue
+        assert not isinstance(r, Exception), r
+        want = single.inspect(im)
+        _same_generation(r, want)
+        assert r.fast_path == want.fast_path and r.n_visual == want.n_visual
+    assert [r.fast_path for _, r in got[:2]] == ["hit", "fallback@2"]
+    with pytest.raises(ValueError, match="equal visual lengths"):
+        batched.generate([batched.encode(images[0]), batched.encode(other)])
+
+
+def test_batch_retry_is_counted_and_strict_reraises(tiny_export, caplog):
+    """A batched LLM pass that raises: strict re-raises; otherwise the images are retried one by
+    one, and the retry is counted and logged (an error when each image then succeeds alone)."""
+    from runtime import Inspector
+
+    class BrokenBatch(Inspector):
+        def generate(self, batch):
+            if len(batch) > 1:
+                raise RuntimeError("broken batched path")
+            return super().generate(batch)
+
+    imgs = [random_image(630 + i, 96, 80) for i in range(2)]
+    strict = BrokenBatch(tiny_export, threads=2, batch_llm=True, strict=True)
+    with pytest.raises(RuntimeError, match="broken batched path"):
+        list(strict.stream(imgs, batch_size=2))
+    lenient = BrokenBatch(tiny_export, threads=2, batch_llm=True)
+    with caplog.at_level("WARNING", logger="runtime.inspector"):
+        got = list(lenient.stream(imgs, batch_size=2))
+    assert all(not isinstance(r, Exception) for _, r in got)
+    assert lenient.batch_retries == 1
+    assert "retrying them one by one" in caplog.text and "failed on valid input" in caplog.text
+
+
+def test_inspect_cli_batch_llm(tiny_export, tmp_path):
+    """``agvas inspect --batch 3 --batch-llm`` on the CPU: the batched path ran (summary), nothing
+    was retried, and the results equal ``--no-batch-llm``."""
+    from agvas.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, size in enumerate([(96, 80)] * 3 + [(64, 64)]):
+        random_image(640 + i, *size).save(folder / f"{i}.png")
+    runs = {}
+    for flag in ("--batch-llm", "--no-batch-llm"):
+        out = tmp_path / flag
+        assert main(["inspect", str(folder), "--engines", str(tiny_export), "--out", str(out), "--threads", "2",
+                     "--batch", "3", flag]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["settings"]["batch_llm"] is (flag == "--batch-llm")
+        assert summary["run"]["batch_retries"] == 0
+        assert summary["run"]["batched_llm_passes"] == (1 if flag == "--batch-llm" else 0)
+        runs[flag] = sorted((json.loads(x)["path"], json.loads(x)["text"], json.loads(x)["verdict"])
+                            for x in (out / "results.jsonl").read_text().splitlines())
+    assert runs["--batch-llm"] == runs["--no-batch-llm"] and len(runs["--batch-llm"]) == 4
