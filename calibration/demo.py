@@ -19,6 +19,7 @@ from typing import Any
 EXPORT_DIR = "export"
 CALIBRATION_DIR = "calibration"
 QUANTIZED_DIR = "export_quantized"
+LOG_FILE = "logs/quantize.log"  # under the demo folder: ONNX Runtime's quantization chatter, our steps
 
 
 def calibrate_and_quantize(export_dir: str | os.PathLike, out_root: str | os.PathLike,
@@ -64,19 +65,39 @@ def calibrate_and_quantize(export_dir: str | os.PathLike, out_root: str | os.Pat
 
 
 def step_quantize(d) -> None:
-    """The demo step (``d`` is ``agvas_train.demo.Demo``)."""
+    """The demo step (``d`` is ``agvas_train.demo.Demo``). The console shows the capture bar, one
+    bar over the quantize/gate steps and the one-line result; ONNX Runtime's quantization chatter
+    (root-logger INFO/WARNING lines) and our step notes go to ``DIR/logs/quantize.log``."""
+    from tqdm import tqdm
+
+    from agvas.quiet import library_log
+
     export_dir = d.out / EXPORT_DIR
     if not (export_dir / "manifest.json").is_file():
         d.row("quantize", f"skipped: no export at {export_dir}")
         return
     good = sorted(str(p) for p in d.data_dir.glob("*/train/good/*.png"))
-    s = calibrate_and_quantize(export_dir, d.out, good or [str(d.meta)], [str(d.meta)],
-                               progress=not d.args.no_progress)
+    log_path = d.out / LOG_FILE
+    with library_log(log_path) as note:
+        # imported here: its import-time logging.basicConfig(INFO) finds the file handler and does nothing
+        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+
+        with tqdm(desc="quantize", unit="step", disable=d.args.no_progress, dynamic_ncols=True) as bar:
+            def log(msg: str) -> None:
+                note(msg)
+                if msg.startswith("quantize: "):
+                    bar.update(1)
+                    bar.set_postfix_str(msg.removeprefix("quantize: ")[:60], refresh=True)
+
+            s = calibrate_and_quantize(export_dir, d.out, good or [str(d.meta)], [str(d.meta)],
+                                       progress=not d.args.no_progress, log=log)
     prec = ", ".join(f"{e} {p}" for e, p in s["precisions"].items() if e != "lm_head")
     if s["quantized"] is None:
-        d.row("quantize", f"gate failed ({prec}): mean IoU {s['mean_mask_iou']:.3f}; nothing written")
-        return
-    d.row("quantize", f"{prec}: {s['fp32_bytes'] / 1e6:.1f} -> {s['quantized_bytes'] / 1e6:.1f} MB; gate on "
-                      f"{s['images']} images: mean IoU {s['mean_mask_iou']:.3f}, min {s['min_mask_iou']:.3f}, "
-                      f"verdicts {100 * s['verdict_agreement']:.1f}%, anchor cos {s['anchor_cosine']:.4f} "
-                      f"-> {s['quantized']}")
+        d.row("quantize", f"gate failed ({prec}): mean IoU {s['mean_mask_iou']:.3f}; nothing written "
+                          f"(log: {log_path})")
+    else:
+        d.row("quantize", f"{prec}: {s['fp32_bytes'] / 1e6:.1f} -> {s['quantized_bytes'] / 1e6:.1f} MB; gate on "
+                          f"{s['images']} images: mean IoU {s['mean_mask_iou']:.3f}, min {s['min_mask_iou']:.3f}, "
+                          f"verdicts {100 * s['verdict_agreement']:.1f}%, anchor cos {s['anchor_cosine']:.4f} "
+                          f"-> {s['quantized']} (log: {log_path})")
+    print(f"quantize: {d.rows[-1][2]}", flush=True)
