@@ -201,7 +201,7 @@ def summary_table(d: Demo) -> str:
     lines = ["| step | time | result |", "|---|---|---|"]
     lines += [f"| {s} | {t} | {r} |" for s, t, r in d.rows]
     if d.metrics:
-        cols = ("pixel_ap", "f1_max", "iou_ano", "iou_nor", "image_auroc")
+        cols = ("pixel_ap", "pixel_auroc", "f1_max", "iou_ano", "iou_nor", "image_auroc")
         lines += ["", "| evaluation | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for name, m in d.metrics.items():
             lines.append(f"| {name} | " + " | ".join("–" if m.get(c) is None else f"{100 * m[c]:.1f}" for c in cols) + " |")

@@ -6,12 +6,15 @@ Per category, then the mean over categories:
   category's images; ``f1_max`` — the maximum F1 over the same precision-recall curve. Community
   protocol (on by default): score maps and ground truth resized to a fixed size, maps smoothed
   with a Gaussian of σ = 4 before AP/F1.
+- ``pixel_auroc`` — scikit-learn ``roc_auc_score`` on the same raveled pixels (as AdaCLIP's and
+  Bayes-PFL's evaluation code compute it: per category over all its pixels, then the mean).
 - ``iou_ano`` — mean per-image IoU of the model's own binary mask with the ground truth over
   anomalous images; ``iou_nor`` — share of normal images whose mask is empty.
 - ``image_auroc`` / ``image_ap`` — image score = max of P; ``image_acc`` — verdict == label.
 
 A metric that is undefined for a category (no anomalous pixels, a single image class) is
-``None`` there and left out of the mean.
+``None`` there and left out of the mean; the category's ``notes`` say which and why (the peers
+skip such categories for the pixel metrics too: an AUROC needs both classes).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-METRICS = ("pixel_ap", "f1_max", "iou_ano", "iou_nor", "image_auroc", "image_ap", "image_acc")
+METRICS = ("pixel_ap", "pixel_auroc", "f1_max", "iou_ano", "iou_nor", "image_auroc", "image_ap", "image_acc")
 
 
 @dataclass
@@ -97,12 +100,16 @@ class CategoryStats:
         from sklearn.metrics import average_precision_score, roc_auc_score
 
         out: dict[str, float | None] = dict.fromkeys(METRICS)
+        notes: list[str] = []
         if self.maps:
             y = np.concatenate([g.ravel() for g in self.gts])
             s = np.concatenate([m.ravel() for m in self.maps])
             if y.any() and not y.all():
                 out["pixel_ap"] = float(average_precision_score(y, s))
+                out["pixel_auroc"] = float(roc_auc_score(y, s))
                 out["f1_max"] = f1_max(y, s)
+            else:
+                notes.append(f"pixel metrics skipped: only {'anomalous' if y.all() else 'normal'} pixels")
         if self.ious:
             out["iou_ano"] = float(np.mean(self.ious))
         if self.empties:
@@ -111,10 +118,14 @@ class CategoryStats:
         if 0 < labels.sum() < len(labels):
             out["image_auroc"] = float(roc_auc_score(labels, self.scores))
             out["image_ap"] = float(average_precision_score(labels, self.scores))
+        elif self.labels:
+            notes.append(f"image AUROC/AP skipped: only {'anomalous' if labels.all() else 'normal'} images")
         if self.labels:
             out["image_acc"] = float(np.mean(np.array(self.verdicts) == labels.astype(bool)))
         out["n_images"] = len(self.labels)
         out["n_anomalous"] = int(labels.sum())
+        if notes:
+            out["notes"] = notes
         return out
 
 
@@ -124,8 +135,12 @@ def summarize(per_category: dict[str, dict]) -> dict:
     for m in METRICS:
         vals = [c[m] for c in per_category.values() if c.get(m) is not None]
         mean[m] = float(np.mean(vals)) if vals else None
-    return {"mean": mean, "per_category": per_category,
-            "n_images": int(sum(c.get("n_images", 0) for c in per_category.values()))}
+    out = {"mean": mean, "per_category": per_category,
+           "n_images": int(sum(c.get("n_images", 0) for c in per_category.values()))}
+    notes = [f"{cat}: {n}" for cat, c in sorted(per_category.items()) for n in c.get("notes", [])]
+    if notes:
+        out["notes"] = notes  # categories left out of a metric's mean, and why
+    return out
 
 
 def markdown_table(result: dict, title: str | None = None) -> str:
@@ -133,11 +148,13 @@ def markdown_table(result: dict, title: str | None = None) -> str:
     def cell(v):
         return "–" if v is None else f"{100 * v:.1f}"
 
-    cols = ("pixel_ap", "f1_max", "iou_ano", "iou_nor", "image_auroc")
+    cols = ("pixel_ap", "pixel_auroc", "f1_max", "iou_ano", "iou_nor", "image_auroc")
     lines = [f"**{title}**", ""] if title else []
     lines.append("| category | images | " + " | ".join(cols) + " |")
     lines.append("|---" * (len(cols) + 2) + "|")
     for cat, r in sorted(result["per_category"].items()):
         lines.append(f"| {cat} | {r.get('n_images', '')} | " + " | ".join(cell(r.get(c)) for c in cols) + " |")
     lines.append(f"| **mean** | {result['n_images']} | " + " | ".join(cell(result['mean'].get(c)) for c in cols) + " |")
+    if result.get("notes"):
+        lines += ["", *(f"_{n} (left out of that mean)_" for n in result["notes"])]
     return "\n".join(lines)

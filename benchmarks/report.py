@@ -64,7 +64,7 @@ def _load_note(record: dict[str, Any]) -> str:
 def _acc(a: dict | None) -> str:
     if not a or a.get("error"):
         return "—"
-    return " / ".join(_f(a.get(k), "{:.3f}") for k in ("iou_ano", "iou_nor", "pixel_ap"))
+    return " / ".join(_f(a.get(k), "{:.3f}") for k in ("iou_ano", "iou_nor", "pixel_ap", "pixel_auroc"))
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -79,7 +79,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"rounds, {'one back-end at a time' if record['setup'].get('sequential') else 'interleaved per group'}. "
         "Stage columns are p50 ms." + _load_note(record), "",
         "| run | prec | fast | batch | tokens | prompt | pre | vision | SAM | SPAM | prefill | decode | ms/tok | AGMD | post "
-        "| TTFT | e2e p50 | e2e p90 | img/s | RSS MB | IoU mean/min | verdict | IoU_ano / IoU_nor / AP |",
+        "| TTFT | e2e p50 | e2e p90 | img/s | RSS MB | IoU mean/min | verdict | IoU_ano / IoU_nor / AP / AUROC |",
         "|---|---|---|---|---|---|" + "---|" * 17,
     ]
     for r in record["runs"]:

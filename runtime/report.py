@@ -149,7 +149,7 @@ def render_html(summary: dict, records: list[dict], root: Path) -> str:
 
     m = summary.get("metrics")
     if m:
-        cols = ("pixel_ap", "f1_max", "iou_ano", "iou_nor", "image_auroc", "image_ap", "image_acc")
+        cols = ("pixel_ap", "pixel_auroc", "f1_max", "iou_ano", "iou_nor", "image_auroc", "image_ap", "image_acc")
         parts.append("<h2>Ground truth</h2><p class='note'>Percent; per category, then the mean over categories "
                      f"({m['n_images']} images inspected in this run).</p><table><tr><th>category</th><th>images</th>"
                      + "".join(f"<th>{k}</th>" for k in cols) + "</tr>")
@@ -158,6 +158,8 @@ def render_html(summary: dict, records: list[dict], root: Path) -> str:
             parts.append(f"<tr><td>{e(cat)}</td><td>{r.get('n_images', '')}</td>" + "".join(
                 f"<td>{_fmt(None if r.get(k) is None else 100 * r[k])}</td>" for k in cols) + "</tr>")
         parts.append("</table>")
+        for note in m.get("notes", []):  # categories left out of a metric's mean (a single class of pixels)
+            parts.append(f"<p class='note'>{e(note)} (left out of that mean)</p>")
 
     failed = [r for r in records if r.get("status") != "ok"]
     parts.append(f"<h2>Failed images ({len(failed)})</h2>")

@@ -77,3 +77,53 @@ def test_protocol_resize_and_smoothing():
     assert r["iou_ano"] == 1.0  # IoU on the model's own mask at full size
     with pytest.raises(ValueError, match="differ in size"):
         st.add(prob, gt, True, np.zeros((5, 5), bool), True)
+
+
+def test_pixel_auroc_equals_sklearn_per_category_then_mean():
+    """Pixel AUROC as AdaCLIP / Bayes-PFL compute it: roc_auc_score over each category's raveled
+    pixels (after the protocol's resize and smoothing), then the mean over categories."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.RandomState(0)
+    cats, want = {}, {}
+    for c, (h, w) in (("a", (40, 56)), ("b", (33, 33))):
+        st = CategoryStats()  # the default protocol: 256², sigma 4
+        ys, ss = [], []
+        for i in range(4):
+            gt = np.zeros((h, w), bool)
+            if i % 2:
+                gt[5 + i:20 + i, 10:30] = True
+            prob = np.clip(gt * 0.6 + rng.rand(h, w) * 0.5, 0, 1).astype(np.float32)
+            st.add(prob, prob > 0.5, bool((prob > 0.5).any()), gt, bool(gt.any()))
+            ys.append(st.gts[-1].ravel())
+            ss.append(st.maps[-1].ravel())
+        cats[c] = st.compute()
+        want[c] = roc_auc_score(np.concatenate(ys), np.concatenate(ss))
+        assert cats[c]["pixel_auroc"] == want[c]  # the very same number
+    s = summarize(cats)
+    assert s["mean"]["pixel_auroc"] == pytest.approx(np.mean(list(want.values())), abs=1e-15)
+    assert "pixel_auroc" in markdown_table(s)
+    # fixed hand-made inputs, no protocol: positives 0.9, 0.4 vs 10 negatives -> AUROC by counting
+    st = CategoryStats(protocol=RAW)
+    gt = np.array([[1, 1], [0, 0]], bool)
+    st.add(np.array([[0.9, 0.4], [0.2, 0.1]], np.float32), gt, True, gt, True)
+    st.add(np.array([[0.3, 0.2], [0.1, 0.0]], np.float32), np.zeros((2, 2), bool), False, np.zeros((2, 2), bool), False)
+    st.add(np.array([[0.6, 0.0], [0.0, 0.0]], np.float32), np.zeros((2, 2), bool), False, np.zeros((2, 2), bool), False)
+    # (positive, negative) pairs ranked right: 0.9 beats all 10 negatives, 0.4 all but 0.6 -> 19 of 20
+    assert st.compute()["pixel_auroc"] == pytest.approx((10 + 9) / 20)
+
+
+def test_single_class_categories_are_skipped_with_a_note():
+    one = CategoryStats(protocol=RAW)
+    one.add(np.zeros((3, 3), np.float32), np.zeros((3, 3), bool), False, np.zeros((3, 3), bool), False)
+    two = CategoryStats(protocol=RAW)
+    gt = np.eye(3, dtype=bool)
+    two.add(np.eye(3, dtype=np.float32), gt, True, gt, True)
+    two.add(np.zeros((3, 3), np.float32), np.zeros((3, 3), bool), False, np.zeros((3, 3), bool), False)
+    r1, r2 = one.compute(), two.compute()
+    assert r1["pixel_auroc"] is None and any("only normal pixels" in n for n in r1["notes"])
+    assert r2["pixel_auroc"] == 1.0 and "notes" not in r2
+    s = summarize({"one": r1, "two": r2})
+    assert s["mean"]["pixel_auroc"] == 1.0  # the mean over the categories where it is defined
+    assert any(n.startswith("one: pixel metrics skipped") for n in s["notes"])
+    assert "left out of that mean" in markdown_table(s)
