@@ -1,9 +1,10 @@
 """``summary.json`` and ``report.html`` of an `agvas inspect` run.
 
 The report is one self-contained HTML file (inline CSS, thumbnails as data URIs, no script):
-headline counts, throughput and latency, a thumbnail grid of the anomalous images (overlay,
-name, anomalous area, max score; linked to the full-size overlay and mask), per-stage latency,
-ground-truth metrics when the input was a meta.json, and the failed images with their errors.
+headline counts, throughput and latency, a thumbnail grid of the anomalous images sorted by
+score (overlay; name = the path relative to the inputs' common folder, unique; category; anomalous
+area, max score; linked to the full-size overlay and mask), per-stage latency, ground-truth
+metrics per category when the input was a meta.json, and the failed images with their errors.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import base64
 import html
 import io
 import json
+import os
+import posixpath
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -63,6 +66,32 @@ def _thumb(path: Path) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def tile_names(paths: list[str], root: str | os.PathLike | None = None) -> dict[str, str]:
+    """Display name of each input path: relative to ``root`` (default: the common folder of the
+    inputs), ``/``-separated. Distinct paths get distinct names (``test/colour_spot/0047.png`` of
+    two categories keeps the part that tells them apart). URIs (``s3://...``) are named relative to
+    their common prefix likewise."""
+    local = [p for p in paths if "://" not in p]
+    uris = [p for p in paths if "://" in p]
+    out: dict[str, str] = {}
+    if local:
+        absolute = {p: os.path.abspath(p) for p in local}
+        base = os.path.abspath(root) if root is not None else None
+        if base is None or not all(_inside(a, base) for a in absolute.values()):
+            base = os.path.commonpath([os.path.dirname(a) for a in absolute.values()])
+        for p, a in absolute.items():
+            out[p] = Path(os.path.relpath(a, base)).as_posix()
+    if uris:
+        base = posixpath.dirname(os.path.commonprefix(uris) + "x")  # a folder prefix, not a partial name
+        for p in uris:
+            out[p] = p[len(base):].lstrip("/") or p
+    return out
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
 def _fmt(v, digits: int = 1) -> str:
     return "–" if v is None else f"{v:,.{digits}f}"
 
@@ -80,7 +109,7 @@ h2{font-size:17px;margin:26px 0 10px}
 .tile{background:#fff;border-radius:8px;overflow:hidden;box-shadow:0 1px 2px #0002}
 .tile img{display:block;width:100%;height:200px;object-fit:contain;background:#222}
 .tile .cap{padding:7px 10px;font-size:12.5px}.tile .name{font-weight:600;word-break:break-all}
-.tile .meta{color:#5b6475}.tile a{color:#1565c0;text-decoration:none;margin-right:8px}
+.tile .meta{color:#5b6475}.tile .cat{display:inline-block;background:#e8eaf6;color:#283593;border-radius:3px;padding:0 6px;margin:2px 0;font-size:11.5px}.tile a{color:#1565c0;text-decoration:none;margin-right:8px}
 table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002;border-radius:8px;overflow:hidden}
 th,td{padding:6px 12px;text-align:right;border-bottom:1px solid #eceef2;font-variant-numeric:tabular-nums}
 th{background:#eef0f4;font-weight:600}td:first-child,th:first-child{text-align:left}
@@ -90,7 +119,9 @@ td.err{text-align:left;color:#c62828;font-family:ui-monospace,monospace;font-siz
 """
 
 
-def render_html(summary: dict, records: list[dict], root: Path) -> str:
+def render_html(summary: dict, records: list[dict], root: Path, inputs_root: str | os.PathLike | None = None) -> str:
+    """``root``: the output folder (thumbnails are read from it); ``inputs_root``: the folder
+    tile names are relative to (default: the inputs' common folder; `--watch` passes its DIR)."""
     s, c, run = summary["settings"], summary["counts"], summary["run"]
     e = html.escape
     tot = summary["latency_ms"]["total"]
@@ -121,12 +152,14 @@ def render_html(summary: dict, records: list[dict], root: Path) -> str:
     if not anomalous:
         parts.append("<p class='note'>No image was found anomalous.</p>")
     parts.append("<div class='grid'>")
+    names = tile_names([r["path"] for r in records], inputs_root)
     for r in anomalous[:MAX_THUMBS]:
         src = _thumb(root / r["overlay"])
         img = f"<img src='{src}' alt='overlay of {e(r['name'])}'>" if src else "<img alt='(overlay missing)'>"
+        cat = f"<div class='cat'>{e(str(r['category']))}</div>" if r.get("category") else ""
         parts.append(
             f"<div class='tile'><a href='{e(r['overlay'])}'>{img}</a><div class='cap'>"
-            f"<div class='name' title='{e(r['path'])}'>{e('/'.join(Path(r['path']).parts[-3:]))}</div>"
+            f"<div class='name' title='{e(r['path'])}'>{e(names[r['path']])}</div>{cat}"
             f"<div class='meta'>area {r['area_pct']:.2f} % ({r['area_px']:,} px) · max score {r['max_score']:.3f}</div>"
             f"<a href='{e(r['overlay'])}'>overlay</a><a href='{e(r['mask'])}'>mask</a></div></div>")
     parts.append("</div>")
