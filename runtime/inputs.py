@@ -102,10 +102,10 @@ def expand_inputs(args: list[str], out_dir: str | os.PathLike | None = None) -> 
         raise ValueError("no input images")
     seen: set[str] = set()
     unique = [it for it in items if not (it.path in seen or seen.add(it.path))]
-    return _name(unique)
+    return name_items(unique)
 
 
-def _name(items: list[Item]) -> list[Item]:
+def name_items(items: list[Item]) -> list[Item]:
     """Output stems: the path relative to the inputs' common folder, ``/`` -> ``__``, extension
     dropped (kept when two inputs would collide)."""
     paths = [os.path.abspath(it.path) for it in items]
@@ -117,9 +117,9 @@ def _name(items: list[Item]) -> list[Item]:
         counts[s] = counts.get(s, 0) + 1
     out, used = [], set()
     for it, r, s in zip(items, rel, stems):
-        name = base = _safe("__".join(r.parts).replace(".", "_") if counts[s] > 1 else s)
+        name = base = safe_name("__".join(r.parts).replace(".", "_") if counts[s] > 1 else s)
         k = 1
-        while name in used:  # names that only differ in characters _safe replaced
+        while name in used:  # names that only differ in characters safe_name replaced
             k += 1
             name = f"{base}-{k}"
         used.add(name)
@@ -127,6 +127,6 @@ def _name(items: list[Item]) -> list[Item]:
     return out
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     keep = "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in name)
     return keep.lstrip(".") or "image"

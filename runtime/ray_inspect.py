@@ -110,7 +110,7 @@ def list_uri(uri: str) -> list[str]:
 
 def expand(args: list[str], out_dir: str) -> list:
     """``runtime.inputs.expand_inputs`` for local inputs, plus URIs listed with ``pyarrow.fs``."""
-    from .inputs import Item, _name, expand_inputs
+    from .inputs import Item, expand_inputs, name_items
 
     uris = [a for a in args if is_uri(a)]
     if not uris:
@@ -118,7 +118,7 @@ def expand(args: list[str], out_dir: str) -> list:
     local = [a for a in args if not is_uri(a)]
     items = (expand_inputs(local, out_dir) if local else []) + [Item(u) for a in uris for u in list_uri(a)]
     seen: set[str] = set()
-    return _name([it for it in items if not (it.path in seen or seen.add(it.path))])
+    return name_items([it for it in items if not (it.path in seen or seen.add(it.path))])
 
 
 def read_image(path: str, max_pixels: int):
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     """``agvas inspect --ray``: validated arguments of ``runtime/cli.py`` -> exit code."""
     from export.manifest import load_manifest
 
-    from .cli import _engine_files, _GroundTruth
+    from .common import GroundTruth, engine_files
     from .outputs import OutputDir
     from .report import build_summary, render_html
 
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--ray needs Ray: pip install 'agvas-edge[ray]' (ray[data])") from None
     out = OutputDir(args.out, resume=args.resume, overwrite=args.overwrite, save_maps=args.save_maps)
     todo = [it for it in items if not out.is_done(it)]
-    gt = _GroundTruth() if any(it.anomaly is not None for it in todo) else None
+    gt = GroundTruth() if any(it.anomaly is not None for it in todo) else None
 
     stats, wall, ray_info = _Stats(), 0.0, None
     if todo:
@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     first = next(iter(stats.workers.values()), {})
     settings = {"engines": str(engines.resolve()), "provider": args.provider,
                 "engine_providers": first.get("providers"), **first.get("settings", {}), "batch": args.batch,
-                "engine_files": _engine_files(args.engine),
+                "engine_files": engine_files(args.engine),
                 "precision": {n: e["precision"] for n, e in manifest.engines.items()}}
     run_info = {"images_this_run": len(todo), "skipped_resume": len(items) - len(todo),
                 "failed_this_run": stats.failed, "wall_s": round(wall, 3),
@@ -307,14 +307,11 @@ def _job(ray, args, address: str, engines: Path, items: list, todo: list, out, g
 
     from agvas.cli import CLIError
 
-    from .cli import _engine_files, _gt_label
+    from .common import gt_label, inspector_options
 
     resources = ray.cluster_resources()
     actors, cpus, gpus, threads = _pool(args, resources)
-    options = dict(provider=args.provider, mode=args.mode, normal_sentence=args.normal_sentence,
-                   vision_tokens=args.vision_tokens, threads=threads, fast_path=not args.no_fast_path,
-                   threshold=args.threshold, min_area=args.min_area, engine_files=_engine_files(args.engine),
-                   verify=args.verify, max_pixels=args.max_pixels, spin=args.spin, arena=args.arena)
+    options = inspector_options(args, threads)
     ctx = ray.data.DataContext.get_current()
     settings = {"max_errored_blocks": -1,  # a failed batch costs its images (error rows below), not the job
                 "enable_progress_bars": False,  # the driver's tqdm bar counts written images
@@ -340,7 +337,7 @@ def _job(ray, args, address: str, engines: Path, items: list, todo: list, out, g
                 continue  # a re-run batch delivered this image again: written once
             it = todo[i]
             if row["error"]:
-                out.write_error(it, row["error"], _gt_label(it))
+                out.write_error(it, row["error"], gt_label(it))
             else:
                 res = pickle.loads(row["result"])
                 extra = gt.add(it, res) if gt and it.anomaly is not None else {}
@@ -359,7 +356,7 @@ def _job(ray, args, address: str, engines: Path, items: list, todo: list, out, g
     lost = [i for i in range(len(todo)) if i not in stats.seen]
     for i in lost:
         out.write_error(todo[i], f"{todo[i].path}: no result: the Ray task of its batch failed (see the Ray logs)",
-                        _gt_label(todo[i]))
+                        gt_label(todo[i]))
     stats.failed += len(lost)
     return wall, {"address": address, "ray_version": ray.__version__, "actors": actors, "cpus_per_actor": cpus,
                   "gpus_per_actor": gpus, "threads_per_actor": threads, "ray_batch": args.ray_batch,

@@ -160,9 +160,10 @@ def test_gpu_provider_without_gpus_is_refused(ray_local, tiny_export, images, tm
     assert "--provider cuda with --ray: the Ray cluster has no GPUs" in capsys.readouterr().err
 
 
-def test_ray_usage_errors(tiny_export, images, tmp_path):  # noqa: F811
-    with pytest.raises(SystemExit):  # argparse: --ray swallowed the only input
-        main(["inspect", "--engines", str(tiny_export), "--out", str(tmp_path / "o"), "--ray", str(images)])
+def test_ray_usage_errors(tiny_export, images, tmp_path, capsys):  # noqa: F811
+    # --ray swallowed the only input (INPUT is optional since --watch DIR takes none)
+    assert main(["inspect", "--engines", str(tiny_export), "--out", str(tmp_path / "o"), "--ray", str(images)]) == 2
+    assert "put --ray after the inputs" in capsys.readouterr().err
     assert main(["inspect", str(images), "--engines", str(tiny_export), "--out", str(tmp_path / "o"),
                  "--ray", str(images)]) == 2
     assert main(["inspect", str(images), "--engines", str(tiny_export), "--out", str(tmp_path / "o"),
