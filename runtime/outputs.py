@@ -13,8 +13,13 @@
 Per image the mask, overlay and maps are written atomically (temp file + rename) *before* its
 line is appended to results.jsonl in a single ``write``; the line is the commit. ``--resume``
 reads the committed lines (a torn last line is dropped), keeps the images whose files exist,
-and removes temp files a killed run left behind. At the end results.jsonl is rewritten
-atomically in input order and the csv/summary/report are (re)built from it.
+and removes temp files a killed run left behind (results.jsonl is rewritten only when it held a
+torn or incomplete line). At the end results.jsonl is rewritten atomically in input order and the
+csv/summary/report are (re)built from it.
+
+``agvas inspect --watch`` (``runtime.watch``) never rewrites results.jsonl while it runs (a line
+system may be tailing it): ``live_csv`` appends each line's csv row too, and the csv, summary and
+report are rebuilt with :meth:`OutputDir.write_reports` on a period and at exit.
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ CSV_FIELDS = ("path", "status", "verdict", "area_px", "area_pct", "max_score", "
 
 class OutputDir:
     def __init__(self, root: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
-                 save_maps: bool = False) -> None:
+                 save_maps: bool = False, live_csv: bool = False) -> None:
         self.root = Path(root)
         self.save_maps = save_maps
+        self.live_csv = live_csv
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"--out {self.root}: exists and is not a folder")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -74,14 +80,17 @@ class OutputDir:
         if not path.exists():
             return {}
         out: dict[str, dict] = {}
-        for line in path.read_bytes().split(b"\n"):
+        raw = path.read_bytes()
+        for line in raw.split(b"\n"):
             try:
                 rec = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue  # a line torn by a kill, or empty
             if isinstance(rec, dict) and "path" in rec and self._complete(rec):
                 out[rec["path"]] = rec
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in out.values()))
+        text = "".join(json.dumps(r) + "\n" for r in out.values())
+        if text.encode("utf-8") != raw:  # a torn line, an incomplete image, a repeat: rewrite; else leave it be
+            write_text_atomic(path, text)
         return out
 
     def _complete(self, rec: dict) -> bool:
@@ -103,7 +112,22 @@ class OutputDir:
         finally:
             os.close(fd)
         self.records[rec["path"]] = rec
+        if self.live_csv:
+            self._append_csv(rec)
         return rec
+
+    def _append_csv(self, rec: dict) -> None:
+        path = self.root / CSV
+        buf = io.StringIO()
+        wr = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+        if not path.exists():
+            wr.writeheader()
+        wr.writerow(_csv_row(rec))
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, buf.getvalue().encode("utf-8"))
+        finally:
+            os.close(fd)
 
     def _save_png(self, kind: str, name: str, image) -> str:
         rel = f"{FILE_DIRS[kind]}/{name}.png"
@@ -148,13 +172,22 @@ class OutputDir:
     def finish(self, items: list[Item], summary: dict, report_html: str | None) -> None:
         recs = self.ordered(items)
         write_text_atomic(self.root / RESULTS, "".join(json.dumps(r) + "\n" for r in recs))
+        self.write_reports(recs, summary, report_html)
+
+    def write_reports(self, recs: list[dict], summary: dict | None, report_html: str | None) -> None:
+        """results.csv (rebuilt from ``recs``), summary.json and report.html, each atomically."""
         buf = io.StringIO()
         wr = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
         wr.writeheader()
         for r in recs:
-            wr.writerow({**r, "total_ms": r.get("timings_ms", {}).get("total", "")})
+            wr.writerow(_csv_row(r))
         write_text_atomic(self.root / CSV, buf.getvalue())
-        write_text_atomic(self.root / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        if summary is not None:
+            write_text_atomic(self.root / SUMMARY, json.dumps(summary, indent=2) + "\n")
         if report_html is not None:
             write_text_atomic(self.root / REPORT, report_html)
+
+
+def _csv_row(rec: dict) -> dict:
+    return {**rec, "total_ms": rec.get("timings_ms", {}).get("total", "")}
 
