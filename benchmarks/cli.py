@@ -35,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential", action="store_true",
                    help="load one back-end at a time (least memory); ratios are then not interleaved")
     p.add_argument("--only", nargs="+", default=(), metavar="NAME",
-                   help="run only these back-ends (e.g. eager-fp32 eager-bf16 runtime-fp32 ortgenai-int4)")
+                   help="run only these back-ends (e.g. eager-fp32 eager-bf16 runtime-fp32 ortgenai-int4); one named "
+                        "here that cannot run (even for want of an optional package) fails the bench instead of "
+                        "being skipped. Agreement is always against a separate eager fp32 reference run")
 
 
 def run(args) -> int:
@@ -74,8 +76,11 @@ def run(args) -> int:
     print(markdown(record))
     for k, v in record.get("outputs", {}).items():
         print(f"{k}: {v}", file=sys.stderr)
-    failed = [r["name"] for r in record["runs"] if r.get("error")]
+    for k, why in (record["setup"].get("skipped") or {}).items():
+        print(f"agvas bench: skipped {k} ({why})", file=sys.stderr)
+    failed = [r for r in record["runs"] if r.get("error")]
     if failed:
-        print(f"agvas bench: {len(failed)} back-end run(s) failed: {', '.join(failed)} (log: {record['setup']['log']})",
+        print(f"agvas bench: FAILED — {len(failed)} back-end run(s): "
+              + "; ".join(f"{r['name']} ({r['error']})" for r in failed) + f" (log: {record['setup']['log']})",
               file=sys.stderr)
     return 1 if failed else 0

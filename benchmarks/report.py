@@ -84,7 +84,7 @@ def markdown(record: dict[str, Any]) -> str:
     ]
     for r in record["runs"]:
         if r.get("error") and not r.get("stages"):
-            lines.append(f"| {r['name']} | {r.get('precision', '')} | failed: {r['error']} |" + " |" * 20)
+            lines.append(f"| {r['name']} | {r.get('precision', '')} | FAILED ({r['error']}) |" + " |" * 20)
             continue
         iou = r.get("mask_iou_vs_reference")
         iou_s = "—" if not iou else f"{iou['mean']:.3f}/{iou['min']:.3f}"
@@ -96,8 +96,12 @@ def markdown(record: dict[str, Any]) -> str:
             f"{_f((r.get('e2e_ms') or {}).get('p90'))} | {_f(r.get('images_per_s'), '{:.3f}')} | "
             f"{_f(r.get('peak_rss_mb'), '{:,.0f}')} | {iou_s} | {_f(r.get('verdict_agreement'), '{:.2f}')} | "
             f"{_acc(r.get('accuracy'))} |"
-            + (f" ⚠ {r['error']}" if r.get("error") else ""))
+            + (f" FAILED ({r['error']})" if r.get("error") else ""))
     sp = record["speedup"]
+    ref = record["setup"].get("reference")
+    if ref:
+        lines += ["", f"IoU / verdict are against `{ref['name']}`: an independent {ref['precision']} eager run "
+                  f"(its own process, {ref['images']} images), never a candidate's own outputs."]
     lines += ["", f"Best accuracy-gated back-end: `{record.get('best') or 'none (no runtime back-end ran)'}`.", "",
               "| ratio | value | goal |", "|---|---|---|"]
     for k, v in sp.items():
@@ -111,9 +115,10 @@ def markdown(record: dict[str, Any]) -> str:
         lines.append(f"| llm_vs_ortgenai {prec} (TTFT / ms per token; peer {_f(v['peer_ttft_ms'])} ms / "
                      f"{_f(v['peer_decode_ms_per_token'])} ms at {v['prompt_tokens']} tokens) | "
                      f"{_f(v['ttft'], '{:.2f}')} / {_f(v['decode'], '{:.2f}')} | ≥ 1 |")
+    failed = [r["name"] for r in record["runs"] if r.get("error")]
     skipped = record["setup"].get("skipped") or {}
-    if skipped:
-        lines += [""] + [f"- skipped {k}: {v}" for k, v in skipped.items()]
+    if failed or skipped:  # FAILED: it was meant to run and did not (exit 1); skipped: unavailable here, not requested
+        lines += [""] + [f"- {n}: FAILED (see its row)" for n in failed] + [f"- {k}: skipped ({v})" for k, v in skipped.items()]
     dm = record.get("device_model")
     if dm:
         from .devices import markdown as device_markdown

@@ -5,12 +5,20 @@ workers is alive at once and driven in rounds — one pass of every variant of e
 round — so A/B ratios inside a group are measured side by side under the same load. The first
 ``warmup`` rounds are discarded; the first recorded round stores the outputs for agreement.
 Groups run one after another (to bound memory); put the pairs whose ratio matters in one group.
+
+Agreement is always measured against an independent reference: a separate eager fp32 worker
+(``reference-eager-fp32``, its own process, run once before the timed groups) whose saved outputs
+no candidate ever is — a candidate compared with its own file raises. A back-end that fails to
+build (export, quantize, peer model) or to run is a *failure* (its row says ``FAILED``, `agvas
+bench` exits 1); only a back-end unavailable on this machine (an optional package absent) that
+the user did not name in ``--only`` is *skipped*, with the reason.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +40,7 @@ class WorkerSpec:
     args: dict[str, Any]
     variants: list[str]  # Variant keys (genai: ["llm"])
     images: list[str] = field(default_factory=list)
+    role: str = "candidate"  # candidate (timed, in the table) | reference (the agreement baseline)
 
     def to_json(self, outputs_dir: Path, threads: int) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "args": self.args, "images": self.images,
@@ -79,6 +88,7 @@ class VariantResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
     peak_rss_mb: float | None = None
     error: str | None = None
+    outputs_path: str | None = None  # the outputs this run saved (never a file from an earlier run)
 
 
 @dataclass
@@ -129,6 +139,8 @@ def run_group(specs: list[WorkerSpec], *, warmup: int, iters: int, outputs_dir: 
                     if not reply.get("ok"):
                         vr.error = reply.get("error", "failed")
                         continue
+                    if reply.get("outputs_path"):
+                        vr.outputs_path = reply["outputs_path"]
                     if on_reply:
                         on_reply(res.spec, key, reply)
                     if r == 0:  # peaks after each variant's first run (batch-1 variants run first)
@@ -154,18 +166,34 @@ def load_outputs(path: Path) -> list[Any]:
         o = Outputs(z[f"mask_{i}"], bool(z[f"verdict_{i}"]),
                     z[f"anchors_{i}"] if f"anchors_{i}" in z else None, str(z[f"text_{i}"]))
         o.prob = z[f"prob_{i}"].astype(np.float32) if f"prob_{i}" in z else None
+        o.image = str(z[f"image_{i}"]) if f"image_{i}" in z else None
         out.append(o)
     return out
 
 
 def agreement(reference: Path, candidate: Path) -> dict[str, Any]:
     """Mask IoU, verdict, anchor-state cosine and text agreement against the fp32 reference
-    (calibration's gate metrics, so bench and ``agvas quantize`` agree on definitions)."""
+    (calibration's gate metrics, so bench and ``agvas quantize`` agree on definitions), paired by
+    input image. ``reference`` must be another run's file: comparing a file with itself raises."""
     from calibration.gate import compare
 
+    reference, candidate = Path(reference), Path(candidate)
+    if reference.resolve() == candidate.resolve():
+        raise ValueError(f"agreement of {candidate} with itself: the reference must be an independent run")
     ref, cand = load_outputs(reference), load_outputs(candidate)
-    n = min(len(ref), len(cand))
-    g = compare(ref[:n], cand[:n], [str(i) for i in range(n)], ["bench"] * n)
+    if not cand:
+        raise ValueError(f"{candidate} holds no outputs to compare")
+    if all(o.image is not None for o in ref + cand):
+        by_image = {o.image: o for o in ref}
+        missing = [o.image for o in cand if o.image not in by_image]
+        if missing:
+            raise ValueError(f"the reference {reference.name} has no output for {len(missing)} of the candidate's "
+                             f"images (first: {missing[0]})")
+        pairs = [(by_image[o.image], o) for o in cand]
+    else:  # files without image paths: pair by position
+        pairs = list(zip(ref, cand))
+    n = len(pairs)
+    g = compare([r for r, _ in pairs], [c for _, c in pairs], [str(i) for i in range(n)], ["bench"] * n)
     return {"images": n, "mask_iou": {"mean": g.mean_mask_iou, "min": g.min_mask_iou},
             "verdict_agreement": g.verdict_agreement, "anchor_cosine": {"mean": g.anchor_cosine, "min": g.min_anchor_cosine},
             "text_agreement": g.text_agreement}
@@ -238,7 +266,7 @@ class BenchOptions:
     def resolved(self) -> "BenchOptions":
         big = self.config != "tiny"
         d = dict(images=2 if big else (4 if self.quick else 8), warmup=1, iters=(1 if self.quick else (2 if big else 5)),
-                 autocast=not big)
+                 autocast=not big or "eager-bf16-autocast" in self.only)
         for k, v in d.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
@@ -257,47 +285,92 @@ PEAK_KEY = {"fp32": "fp32", "fp16": "fp32", "bf16": "bf16", "bf16-autocast": "bf
 STAGE_ENGINE = {"vision": "vision", "sam_encoder": "sam_encoder", "prefill": "llm"}
 
 
+# A ModuleNotFoundError naming one of these is a broken install (a failure), never an absent option.
+PROJECT_PACKAGES = ("agvas", "agvas_train", "export", "runtime", "calibration", "benchmarks")
+REFERENCE = "reference-eager-fp32"  # the independent eager fp32 run every agreement is measured against
+
+
+def missing_packages(*names: str) -> list[str]:
+    """The optional third-party packages among ``names`` that are not installed here."""
+    import importlib.util
+
+    out = []
+    for n in names:
+        try:
+            if importlib.util.find_spec(n) is None:
+                out.append(n)
+        except (ImportError, ValueError):
+            out.append(n)
+    return out
+
+
+def _fail(info: dict[str, Any], names: list[str], error: str) -> None:
+    """Back-ends ``names`` failed before they could run (a build step): a failure, never a skip."""
+    for n in names:
+        info["failed"].setdefault(n, error)
+
+
+def _unavailable(opts: "BenchOptions", info: dict[str, Any], key: str, names: list[str], reason: str) -> None:
+    """Back-ends ``names`` cannot run on this machine (``reason``: an optional package absent).
+    Skipped with the reason — unless the user asked for one of them by name (``--only``): then it
+    is a failure."""
+    asked = [n for n in names if n in opts.only]
+    if asked:
+        _fail(info, asked, f"requested with --only but unavailable here: {reason}")
+    elif not opts.only:
+        info["skipped"][key] = reason
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
 def _runtime_specs(opts: BenchOptions, ckpt: Path, cfg_dir: Path, log: Path, images: list[str],
-                   skipped: dict[str, str]) -> list[WorkerSpec]:
-    """Runtime back-ends over the exports `agvas export` / `agvas quantize` build (when they exist)."""
+                   info: dict[str, Any]) -> list[WorkerSpec]:
+    """Runtime back-ends over the exports `agvas export` / `agvas quantize` build. A build that
+    fails is recorded in ``info["failed"]`` (the run fails); only absent optional packages skip."""
     from . import prepare
 
     names = ["runtime-fp32"] + [f"runtime-llm{q}-vis8" for q in opts.quantized]
-    if opts.only and not set(names) & set(opts.only):
+    wanted = [n for n in names if not opts.only or n in opts.only]
+    if not wanted:
+        return []
+    miss = missing_packages("onnxruntime", "onnxscript")
+    if miss:
+        _unavailable(opts, info, "runtime", wanted, f"{', '.join(miss)} not installed (the runtime back-ends need it)")
         return []
     why = prepare.verb_available("export") or prepare.verb_available("inspect")
     if why is None:
         try:
-            import runtime  # noqa: F401
+            import runtime
 
             if not hasattr(runtime, "Inspector"):
-                why = "runtime.Inspector is not available yet"
+                why = "runtime.Inspector is missing"
         except ImportError as e:
-            why = f"runtime does not import: {e}"
+            why = f"runtime does not import: {_error(e)}"
     if why:
-        skipped["runtime"] = why
+        _fail(info, wanted, why)
         return []
     specs = []
     try:
         exp = prepare.export_dir(ckpt, cfg_dir, log)
-    except RuntimeError as e:
-        skipped["runtime"] = str(e)
+    except Exception as e:  # noqa: BLE001 — any build error is this back-end's failure, reported by name
+        _fail(info, wanted, f"export failed: {_error(e)}")
         return []
     nb = f"fast-b{opts.batch}-anyres"
     specs.append(WorkerSpec("runtime-fp32", "runtime", "runtime-ort", "fp32", {"export_dir": str(exp)},
                             ["fast-b1-anyres", "loop-b1-anyres", nb], images))
-    why = prepare.verb_available("calibrate") or prepare.verb_available("quantize")
+    quantized = [q for q in opts.quantized if f"runtime-llm{q}-vis8" in wanted]
+    why = (prepare.verb_available("calibrate") or prepare.verb_available("quantize")) if quantized else None
     if why:
-        skipped["runtime-quantized"] = why
+        _fail(info, [f"runtime-llm{q}-vis8" for q in quantized], why)
         return specs
-    for llm in opts.quantized:
-        if opts.only and f"runtime-llm{llm}-vis8" not in opts.only:
-            continue
+    for llm in quantized:
         try:
             q = prepare.quantized_export(exp, cfg_dir, images, llm, "int8", log, n_calib=max(1, len(images) - 1),
                                          held_out=min(1, len(images) - 1))
-        except RuntimeError as e:
-            skipped[f"runtime-llm{llm}"] = str(e)
+        except Exception as e:  # noqa: BLE001
+            _fail(info, [f"runtime-llm{llm}-vis8"], f"calibrate/quantize failed: {_error(e)}")
             continue
         specs.append(WorkerSpec(f"runtime-llm{llm}-vis8", "runtime", "runtime-ort", llm, {"export_dir": str(q)},
                                 ["fast-b1-anyres", "loop-b1-anyres", nb], images))
@@ -324,7 +397,7 @@ def accuracy(outputs: Path, meta: Path, images: list[str]) -> dict[str, Any]:
     by_path = {str(r.image): r for r in read_meta(meta, "test")}
     cats: dict[str, CategoryStats] = {}
     for path, o in zip(images, load_outputs(outputs)):
-        rec = by_path[path]
+        rec = by_path[o.image or path]
         if o.prob is None:
             continue
         gt = load_mask(rec, o.mask.shape)
@@ -332,14 +405,18 @@ def accuracy(outputs: Path, meta: Path, images: list[str]) -> dict[str, Any]:
     return summarize({c: st.compute() for c, st in cats.items()})["mean"] | {"images": sum(len(st.labels) for st in cats.values())}
 
 
-def plan(opts: BenchOptions, progress: Callable[[str], None]) -> tuple[list[list[WorkerSpec]], dict[str, Any]]:
-    """Build what is missing in the cache and decide the worker groups."""
+def plan(opts: BenchOptions, progress: Callable[[str], None]
+         ) -> tuple[list[list[WorkerSpec]], dict[str, Any], WorkerSpec]:
+    """Build what is missing in the cache and decide the worker groups (timed) and the reference
+    (an independent eager fp32 run over every image, the baseline of all agreement numbers).
+    ``info["failed"]``: back-ends whose build failed (name -> error); ``info["skipped"]``: the
+    ones unavailable here and not requested by name (key -> reason)."""
     from . import prepare
 
     cfg_dir = opts.cache / opts.config
     cfg_dir.mkdir(parents=True, exist_ok=True)
     log = cfg_dir / "bench.log"
-    info: dict[str, Any] = {"skipped": {}, "log": str(log)}
+    info: dict[str, Any] = {"skipped": {}, "failed": {}, "log": str(log)}
     n_img = max(opts.images, opts.batch)
     data = opts.data
     if data is None and opts.checkpoint and (Path(opts.checkpoint).parent / "data" / "meta.json").is_file():
@@ -375,24 +452,27 @@ def plan(opts: BenchOptions, progress: Callable[[str], None]) -> tuple[list[list
     if opts.autocast:
         eager.append(WorkerSpec("eager-bf16-autocast", "eager", "pytorch-eager", "bf16-autocast",
                                 {"checkpoint": str(ckpt), "dtype": "autocast"}, ["loop-b1-anyres"], one))
-    runtime = _runtime_specs(opts, ckpt, cfg_dir, log, images, info["skipped"])
+    # the agreement baseline: its own eager fp32 process over every image any candidate sees
+    reference = WorkerSpec(REFERENCE, "eager", "pytorch-eager", "fp32", {"checkpoint": str(ckpt), "dtype": "fp32"},
+                           list(vt_ref), list(images), role="reference")
+    runtime = _runtime_specs(opts, ckpt, cfg_dir, log, images, info)
     peers: list[WorkerSpec] = []
-    if opts.genai:
-        try:
-            import onnxruntime_genai  # noqa: F401
-            import export.llm  # noqa: F401  (save_causal_lm)
-
-            for prec in ("fp32", "int4"):
-                if opts.only and f"ortgenai-{prec}" not in opts.only:
-                    continue
+    gnames = [f"ortgenai-{p}" for p in ("fp32", "int4") if not opts.only or f"ortgenai-{p}" in opts.only]
+    if opts.genai and gnames:
+        miss = missing_packages("onnxruntime_genai", "transformers")
+        if miss:
+            _unavailable(opts, info, "onnxruntime-genai", gnames, f"peer: {', '.join(miss)} not installed")
+        else:
+            for name in gnames:
+                prec = name.split("-")[1]
                 progress(f"onnxruntime-genai peer model ({prec})")
-                d = prepare.genai_model(ckpt, cfg_dir, prec, log)
-                peers.append(WorkerSpec(f"ortgenai-{prec}", "genai", "onnxruntime-genai", prec,
+                try:
+                    d = prepare.genai_model(ckpt, cfg_dir, prec, log)
+                except Exception as e:  # noqa: BLE001
+                    _fail(info, [name], f"peer model build failed: {_error(e)}")
+                    continue
+                peers.append(WorkerSpec(name, "genai", "onnxruntime-genai", prec,
                                         {"model_dir": str(d), "precision": prec}, ["llm"]))
-        except ImportError as e:
-            info["skipped"]["onnxruntime-genai"] = f"peer skipped: {e}"
-        except RuntimeError as e:
-            info["skipped"]["onnxruntime-genai"] = f"peer skipped: {e}"
     # the a-priori best runtime (int8 LLM + int8 vision where it helps) runs beside the eager baselines
     lead = next((s for s in runtime if s.precision == "int8"), runtime[0] if runtime else None)
     if lead and opts.base_tokens:
@@ -402,7 +482,11 @@ def plan(opts: BenchOptions, progress: Callable[[str], None]) -> tuple[list[list
     groups = [[s for s in g if not opts.only or s.name in opts.only] for g in groups]
     if opts.sequential:
         groups = [[s] for g in groups for s in g]
-    return [g for g in groups if g], info
+    planned = {s.name for g in groups for s in g}
+    for n in opts.only:  # asked for by name, yet neither planned nor failed: say so (e.g. --only ortgenai-fp32 --no-genai)
+        if n not in planned and n not in info["failed"]:
+            info["failed"][n] = "requested with --only but not planned (a flag such as --no-genai leaves it out)"
+    return [g for g in groups if g], info, reference
 
 
 def bench(opts: BenchOptions, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
@@ -417,9 +501,10 @@ def bench(opts: BenchOptions, progress: Callable[[str], None] = lambda s: None) 
     opts.resolved()
     progress("machine peaks")
     machine = measure_machine(quick=opts.quick, threads=opts.threads)
-    groups, info = plan(opts, progress)
+    groups, info, reference = plan(opts, progress)
     cfg_dir = opts.cache / opts.config
     outputs_dir = cfg_dir / "outputs"
+    shutil.rmtree(outputs_dir, ignore_errors=True)  # agreement only ever reads files this run wrote
     results: list[WorkerResult] = []
     prompt_len: dict[str, int] = {}
 
@@ -427,15 +512,34 @@ def bench(opts: BenchOptions, progress: Callable[[str], None] = lambda s: None) 
         return prompt_len.get("tokens", 512), prompt_len.get("new", 10)
 
     def on_reply(spec: WorkerSpec, key: str, reply: dict) -> None:
-        if spec.name == "eager-fp32" and key == "loop-b1-anyres" and reply["samples"]:
+        if spec.name in (REFERENCE, "eager-fp32") and key == "loop-b1-anyres" and reply["samples"]:
             prompt_len["tokens"] = reply["samples"][0]["prompt_tokens"]
             prompt_len["new"] = reply["samples"][0]["tokens"]
 
+    runs: list[dict[str, Any]] = []
+    ref_files: dict[str, str] = {}  # reference variant key -> the outputs it saved in this run
+    ref_failed = False
+    if groups and all(s.kind == "genai" for g in groups for s in g):  # nothing to compare: the prompt length only
+        reference.variants, reference.images = ["loop-b1-anyres"], reference.images[:1]
+    if groups:  # the independent reference first, alone: one untimed round over every image
+        ref = run_group([reference], warmup=0, iters=1, outputs_dir=outputs_dir, log=Path(info["log"]),
+                        threads=opts.threads, on_reply=on_reply, progress=lambda s: progress(f"reference: {s}"))[0]
+        ref_files = {k: vr.outputs_path for k, vr in ref.variants.items() if vr.outputs_path and not vr.error}
+        errors = {k: vr.error for k, vr in ref.variants.items() if vr.error}
+        if ref.error or errors or len(ref_files) != len(reference.variants):
+            ref_failed = True
+            err = ref.error or "; ".join(f"{k}: {e}" for k, e in errors.items()) or "saved no outputs"
+            runs.append({"name": REFERENCE, "config": opts.config, "backend": reference.backend,
+                         "precision": reference.precision, "error": f"agreement reference failed: {err}"})
+        info["reference"] = {"name": REFERENCE, "backend": reference.backend, "precision": reference.precision,
+                             "images": len(reference.images), "load_s": ref.load_s, "outputs": ref_files,
+                             "note": "an independent eager fp32 process; every agreement number is against it"}
     for gi, group in enumerate(groups):
         results += run_group(group, warmup=opts.warmup, iters=opts.iters, outputs_dir=outputs_dir,
                              log=Path(info["log"]), threads=opts.threads, llm_prompt=llm_prompt, on_reply=on_reply,
                              progress=lambda s, gi=gi: progress(f"group {gi + 1}/{len(groups)}: {s}"))
-    runs = []
+    for name, err in info["failed"].items():  # failed before they could run (a build step, an unmet --only)
+        runs.append({"name": name, "config": opts.config, **_describe(name), "error": err})
     for r in results:
         if r.error and not r.variants:
             runs.append({"name": r.spec.name, "config": opts.config, "backend": r.spec.backend,
@@ -444,20 +548,36 @@ def bench(opts: BenchOptions, progress: Callable[[str], None] = lambda s: None) 
         for key, vr in r.variants.items():
             rec = summarize_variant(r, key, vr, opts.config)
             rec["image_size"] = info["images"]["size"]
-            ref = outputs_dir / f"eager-fp32__loop-b1-{rec['vision_tokens']}.npz"
-            cand = outputs_dir / f"{r.spec.name}__{key}.npz"
-            if r.spec.kind != "genai" and ref.exists() and cand.exists():
-                ag = agreement(ref, cand)
-                rec["mask_iou_vs_reference"] = ag["mask_iou"]
-                rec["verdict_agreement"] = ag["verdict_agreement"]
-                rec["agreement"] = ag
+            cand = vr.outputs_path
+            if r.spec.kind != "genai" and not rec["error"]:
+                ref_key = f"loop-b1-{rec['vision_tokens']}"
+                if cand is None:
+                    rec["error"] = "saved no outputs: its agreement cannot be measured"
+                elif ref_key in ref_files:
+                    # never the candidate's own file: the reference is another process's output
+                    assert r.spec.role != "reference" and Path(ref_files[ref_key]).resolve() != Path(cand).resolve()
+                    try:
+                        ag = agreement(Path(ref_files[ref_key]), Path(cand))
+                    except (ValueError, KeyError, OSError) as e:
+                        rec["error"] = f"agreement: {_error(e)}"
+                    else:
+                        ag["reference"] = f"{REFERENCE}/{ref_key}"
+                        rec["mask_iou_vs_reference"] = ag["mask_iou"]
+                        rec["verdict_agreement"] = ag["verdict_agreement"]
+                        rec["agreement"] = ag
+                elif ref_failed:  # the reference's own FAILED row says why there is no agreement
+                    rec["agreement"] = {"error": f"no {REFERENCE}/{ref_key} outputs: the reference failed"}
+                else:
+                    rec["error"] = f"no {REFERENCE}/{ref_key} outputs to measure its agreement against"
             meta = info["images"].get("meta")
-            if meta and r.spec.kind != "genai" and cand.exists():
+            if meta and r.spec.kind != "genai" and cand:
                 try:
-                    rec["accuracy"] = accuracy(cand, Path(meta), r.spec.images)
+                    rec["accuracy"] = accuracy(Path(cand), Path(meta), r.spec.images)
                 except (ImportError, ValueError, KeyError) as e:
                     rec["accuracy"] = {"error": f"{type(e).__name__}: {e}"}
             runs.append(rec)
+    for rec in runs:
+        rec["status"] = "failed" if rec.get("error") else "ok"
     cfg = get_config(opts.config)
     efficiency(runs, cfg, machine)
     record = {
@@ -483,6 +603,15 @@ def bench(opts: BenchOptions, progress: Callable[[str], None] = lambda s: None) 
                                   "rows": devices.device_table(configs=(opts.config, "ov-7b"))}
     report.write_all(record, opts.json_path, opts.results_dir)
     return record
+
+
+def _describe(name: str) -> dict[str, str]:
+    """Back-end label and precision of a worker name (for the row of one that never started)."""
+    if name.startswith("runtime-"):
+        return {"backend": "runtime-ort", "precision": "fp32" if name == "runtime-fp32" else name[len("runtime-llm"):].split("-")[0]}
+    if name.startswith("ortgenai-"):
+        return {"backend": "onnxruntime-genai", "precision": name.split("-")[1]}
+    return {"backend": "pytorch-eager", "precision": {"eager-fp32": "fp32", "eager-bf16": "bf16"}.get(name, "bf16-autocast")}
 
 
 def _find(runs: list[dict], name: str, key: str | None = None) -> dict | None:

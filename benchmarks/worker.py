@@ -37,12 +37,16 @@ def load_backend(spec: dict[str, Any]):
     raise ValueError(f"unknown back-end kind {kind!r}; expected eager, runtime or genai")
 
 
-def save_outputs(path: Path, outputs: list) -> None:
-    """Outputs of one variant (one entry per image) as an ``.npz``."""
+def save_outputs(path: Path, outputs: list, images: list[str] | None = None) -> None:
+    """Outputs of one variant (one entry per image, ``images[i]`` the input of ``outputs[i]``) as an ``.npz``."""
     from agvas.atomic import atomic_path
 
+    if images is not None and len(images) != len(outputs):
+        raise ValueError(f"{len(outputs)} outputs for {len(images)} images: cannot pair them for agreement")
     arrays: dict[str, np.ndarray] = {}
     for i, o in enumerate(outputs):
+        if images is not None:
+            arrays[f"image_{i}"] = np.asarray(str(images[i]))
         arrays[f"mask_{i}"] = np.asarray(o.mask, bool)
         arrays[f"verdict_{i}"] = np.asarray(bool(o.verdict))
         arrays[f"text_{i}"] = np.asarray(o.text)
@@ -75,7 +79,7 @@ def serve(stdin, stdout) -> int:
             elif cmd == "round":
                 from .backends import Variant
 
-                samples = []
+                samples, inputs = [], []
                 if spec["kind"] == "genai":
                     samples = [backend.run_llm(int(msg["prompt_tokens"]), int(msg["new_tokens"]))]
                 else:
@@ -83,15 +87,18 @@ def serve(stdin, stdout) -> int:
                     groups = _batches(spec["images"], v.batch) if v.batch > 1 else [spec["images"]]
                     for g in groups:
                         samples += backend.run(v, g)
+                        inputs += g
+                reply = {"ok": True}
                 if msg.get("save_outputs") and spec["kind"] != "genai":
                     out = Path(spec["outputs_dir"]) / f"{spec['name']}__{msg['variant']}.npz"
-                    save_outputs(out, [o for s in samples for o in s.outputs])
+                    save_outputs(out, [o for s in samples for o in s.outputs], inputs)
+                    reply["outputs_path"] = str(out)  # the parent compares only files written in this run
                 rows = []
                 for s in samples:
                     d = asdict(s)
                     d.pop("outputs")
                     rows.append(d)
-                reply = {"ok": True, "samples": rows, "peak_rss_mb": peak_rss_mb()}
+                reply |= {"samples": rows, "peak_rss_mb": peak_rss_mb()}
             else:
                 raise ValueError(f"unknown worker command {cmd!r}")
         except Exception as e:  # reported to the parent, which records the back-end as failed

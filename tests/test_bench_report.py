@@ -51,7 +51,9 @@ def test_markdown_and_charts(tmp_path):
     rec = _record()
     md = markdown(rec)
     assert "| runtime-fp32/fast-b1-anyres | fp32 | on | 1 | anyres | 211 |" in md
-    assert "failed: failed" in md and "skipped onnxruntime-genai" in md
+    # a failure and a skip read differently: FAILED (error) in the row and the list, skipped (reason) in the list
+    assert "| ortgenai-fp32 | fp32 | FAILED (failed) |" in md and "- ortgenai-fp32: FAILED" in md
+    assert "- onnxruntime-genai: skipped (peer skipped: absent)" in md and "FAILED (peer" not in md
     assert "| e2e_vs_eager_fp32 | 5.20 | ≥ 5 |" in md
     out = write_all(rec, tmp_path / "b.json", tmp_path / "results")
     assert json.loads((tmp_path / "b.json").read_text())["runs"][0]["stages"]["prefill"]["count"] == 4
