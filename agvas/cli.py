@@ -14,16 +14,16 @@ import sys
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "train": ("agvas_train.train_cli", "train AG-VAS (tiny from scratch, real configs with LoRA)"),
-    "eval": ("agvas_train.eval_cli", "evaluate a checkpoint or an export on a meta.json test split"),
-    "export": ("export.cli", "split a checkpoint into ONNX engines + manifest (and TensorRT/Triton recipes)"),
-    "calibrate": ("calibration.cli", "capture calibration data from the fp32 engines"),
-    "quantize": ("calibration.quantize_cli", "quantize an export (int4/int8/fp16) behind an accuracy gate"),
-    "inspect": ("runtime.cli", "batch-inspect images with an export directory"),
-    "doctor": ("runtime.doctor", "what this machine can run: ONNX Runtime providers, CUDA, TensorRT, GPU"),
-    "bench": ("benchmarks.cli", "measure latency / throughput / memory / agreement per back-end"),
-    "demo": ("agvas_train.demo", "the embedded default: synthetic data -> train tiny -> eval -> export -> inspect"),
-    "info": ("agvas_train.info", "parameter counts and memory of the registered configs"),
+    "train": ("agvas.train.train_cli", "train AG-VAS (tiny from scratch, real configs with LoRA)"),
+    "eval": ("agvas.train.eval_cli", "evaluate a checkpoint or an export on a meta.json test split"),
+    "export": ("agvas.export.cli", "split a checkpoint into ONNX engines + manifest (and TensorRT/Triton recipes)"),
+    "calibrate": ("agvas.calibration.cli", "capture calibration data from the fp32 engines"),
+    "quantize": ("agvas.calibration.quantize_cli", "quantize an export (int4/int8/fp16) behind an accuracy gate"),
+    "inspect": ("agvas.runtime.cli", "batch-inspect images with an export directory"),
+    "doctor": ("agvas.runtime.doctor", "what this machine can run: ONNX Runtime providers, CUDA, TensorRT, GPU"),
+    "bench": ("agvas.benchmarks.cli", "measure latency / throughput / memory / agreement per back-end"),
+    "demo": ("agvas.train.demo", "the embedded default: synthetic data -> train tiny -> eval -> export -> inspect"),
+    "info": ("agvas.train.info", "parameter counts and memory of the registered configs"),
 }
 
 

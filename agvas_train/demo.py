@@ -162,9 +162,9 @@ def step_eval_mtd(d: Demo) -> None:
                       f"(SAA+ {100 * SAA_PLUS_MTD_F1:.1f}, empty mask {100 * b['f1_max']:.1f}) -> {d.out / 'eval_mtd.json'}")
 
 
-from calibration.demo import step_quantize  # noqa: E402  (the later stages, each in its own package)
-from export.demo import step_export  # noqa: E402
-from runtime.demo import step_inspect  # noqa: E402
+from agvas.calibration.demo import step_quantize  # noqa: E402  (the later stages, each in its own package)
+from agvas.export.demo import step_export  # noqa: E402
+from agvas.runtime.demo import step_inspect  # noqa: E402
 
 STEPS: list[tuple[str, Callable[[Demo], None]]] = [
     ("data", step_data),

@@ -2,7 +2,7 @@
 
 A *predictor* is anything with ``__call__(image)`` or ``inspect(image)`` (image: a path)
 returning an object with ``.prob`` (float [H,W] at the image's size), ``.mask`` (bool [H,W])
-and ``.verdict``: the PyTorch reference (:class:`agvas_train.reference.ReferencePipeline`), the
+and ``.verdict``: the PyTorch reference (:class:`agvas.train.reference.ReferencePipeline`), the
 runtime over an export (``runtime.Inspector``), or :class:`EmptyPredictor` (the empty-mask
 baseline).
 """
@@ -63,7 +63,7 @@ def engines_predictor(export_dir: str | Path, provider: str = "cpu", mode: str =
     """The runtime over an export directory (``runtime.Inspector(export_dir, provider=, mode=,
     **kw)``), imported lazily."""
     try:
-        from runtime import Inspector
+        from agvas.runtime import Inspector
     except ImportError as e:
         raise ValueError(f"--engines {export_dir}: the runtime (runtime.Inspector) is not available: {e}") from None
     return as_predictor(Inspector(export_dir, provider=provider, mode=mode, **kw))

@@ -2,7 +2,7 @@
 
 The tiny tokenizer is trained with the `tokenizers` library on ``assets/tiny_corpus.txt`` (the
 instruction templates and the anomaly vocabulary) and shipped in ``assets/tiny_tokenizer``.
-Rebuild it with ``python -m agvas_train.tokenizer``. Anchor tokens are *not* part of the shipped
+Rebuild it with ``python -m agvas.train.tokenizer``. Anchor tokens are *not* part of the shipped
 tokenizer: they are added by :func:`add_anchor_tokens`, the same path as for a real
 LLaVA-OneVision tokenizer.
 """

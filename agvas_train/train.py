@@ -15,7 +15,7 @@ on those, with fp32 states. With a bf16 / fp16 base the forward runs under autoc
 process with batch ``world_size·batch_size``, and sample k is a pure function of the seed and k
 (``Mixture.example``): a resumed run sees exactly the data of an uninterrupted one. Samples are
 read, decoded and collated in DataLoader worker processes. The loss is normalised by the global
-batch (see :mod:`agvas_train.losses`), so N processes with batch b train exactly as 1 with N·b.
+batch (see :mod:`agvas.train.losses`), so N processes with batch b train exactly as 1 with N·b.
 
 Run directory (written by rank 0 only): ``OUT/checkpoint/`` (``checkpoint.json`` carries a
 ``training`` record; ``train_state.pt`` the optimizer, scheduler, RNG states, step and options),
@@ -595,7 +595,7 @@ def quick_train_tiny(out_dir: str | Path | None = None, steps: int = 300, seed: 
     """Train `tiny` briefly on a small synthetic set of blob-like defects (direct mode only) so
     that it answers "Sure, it is [NOR][ANO][SEG]." and its maps are decisive — the shared model
     for parity tests and benchmarks (not the embedded default: see ``agvas demo``). Good test
-    images: ``agvas_train.data.synthetic.make_sample(cat, kind, ...)`` with ``cat``/``kind`` from
+    images: ``agvas.train.data.synthetic.make_sample(cat, kind, ...)`` with ``cat``/``kind`` from
     :data:`QUICK_SPEC`. Returns ``(model, tokenizer, image_processor)`` in eval mode; the run
     (data, checkpoint, log) stays in ``out_dir`` when given."""
     from .config import tiny

@@ -297,7 +297,7 @@ def run(args) -> int:
             raise CLIError(f"{out / CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
         cfg = get_config(args.config)
         cfg.seed = args.seed
-        if cfg.name != "tiny" and not args.random_init:
+        if not cfg.name.startswith("tiny") and not args.random_init:  # tiny*: from scratch / packaged weights
             missing = [f for f, v in (("--llava DIR", args.llava), ("--sam FILE", args.sam)) if not v]
             if missing:
                 raise CLIError(f"config {cfg.name} trains from real weights: give {' and '.join(missing)} "

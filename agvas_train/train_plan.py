@@ -1,11 +1,11 @@
 """Per-GPU training memory plan (``agvas train --plan``) and the pre-launch fit check.
 
 Parameters are counted exactly: the model is built on the meta device
-(:func:`agvas_train.modeling.build_model`), LoRA applied for configs with ``lora_rank`` and
+(:func:`agvas.train.modeling.build_model`), LoRA applied for configs with ``lora_rank`` and
 ``configure_trainable`` run, as the trainer does. Trainable = LoRA + SPAM + refiner + AGMD +
 token embeddings + LM head (full vocabulary rows); frozen = SigLIP, projector, SAM encoder,
 LLM base (``tiny`` trains everything). Token counts are HF's own anyres packing
-(:func:`calibration.memory_plan.token_counts`: 1,485 semantic tokens at 384², 7,371 at 1024²),
+(:func:`agvas.calibration.memory_plan.token_counts`: 1,485 semantic tokens at 384², 7,371 at 1024²),
 doubled by SPAM, plus the prompt's text and a ``max_new_tokens`` answer (the worst case of the
 describe/explain modes).
 
@@ -46,7 +46,7 @@ Components (bytes; ``w`` = base-dtype bytes, ``a`` = compute (autocast) dtype by
   ``a·(8·depth + 17)·P·C`` (two-way blocks, final attention, 4x upscaling, hypernetwork product)
   and the loss maps at SAM input resolution ``18·img²·4`` (3 maps x ~6 fp32 copies).
 - ``siglip_fwd`` / ``sam_fwd``: frozen, no graph, only the forward transient of one block (as
-  in :func:`calibration.memory_plan.activation_estimates`: MLP intermediates + residual, and the
+  in :func:`agvas.calibration.memory_plan.activation_estimates`: MLP intermediates + residual, and the
   eager attention scores + softmax — SAM's global-attention blocks materialise
   ``2·heads·4096²`` per image, segment-anything does not use SDPA), for ``b`` images; SAM's
   peak also holds ``f_s`` (``a·N·H``). Trainable encoders (``tiny``) are counted as saved
@@ -205,7 +205,7 @@ def _inventory(cfg) -> _Inventory:
 def _tokens(inv: _Inventory, image_size: int):
     tc = inv.tokens.get(image_size)
     if tc is None:
-        from calibration.memory_plan import token_counts
+        from agvas.calibration.memory_plan import token_counts
 
         tc = inv.tokens[image_size] = token_counts(inv.model, inv.tokenizer, (image_size, image_size))
     return tc
@@ -241,7 +241,7 @@ def llm_layer_bytes_per_token(cfg, a: int, r: int = RESIDUAL_BYTES) -> int:
 
 def _encoder_saved(cfg, tc, a: int) -> tuple[int, int]:
     """Saved activations of *trainable* SigLIP / SAM encoders (tiny): depth x one block's estimate."""
-    from calibration.memory_plan import activation_estimates
+    from agvas.calibration.memory_plan import activation_estimates
 
     est = activation_estimates(cfg, tc, a)
     v, pe = cfg.llava["vision_config"], cfg.pixel_encoder
@@ -275,7 +275,7 @@ def plan_training(cfg, *, strategy: str, dtype: str, world_size: int = 1, micro_
             raise ValueError(f"{name} must be one of {DTYPES}, got {d!r}")
     if world_size < 1 or micro_batch < 1:
         raise ValueError(f"world_size and micro_batch must be >= 1, got {world_size}, {micro_batch}")
-    from calibration.memory_plan import activation_estimates
+    from agvas.calibration.memory_plan import activation_estimates
 
     inv = _inventory(cfg)
     tc = _tokens(inv, image_size)

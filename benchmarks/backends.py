@@ -1,9 +1,9 @@
 """The back-ends `agvas bench` compares, behind one small interface.
 
-A back-end is loaded once in its own worker process (:mod:`benchmarks.worker`) and then runs
+A back-end is loaded once in its own worker process (:mod:`agvas.benchmarks.worker`) and then runs
 *variants* — fast path on/off, batch 1/N, vision tokens anyres/base — on the same images:
 
-- :class:`EagerBackend`: the PyTorch reference (:class:`agvas_train.reference.ReferencePipeline`)
+- :class:`EagerBackend`: the PyTorch reference (:class:`agvas.train.reference.ReferencePipeline`)
   in fp32, in bf16 (``model.to(torch.bfloat16)``: the strong CPU baseline) or under bf16
   ``torch.autocast`` (re-casts the fp32 weights at every op: slower, measured for the record).
   Stage times come from forward hooks on the model's own modules (no copy of the pipeline).
@@ -101,8 +101,8 @@ class EagerBackend:
     def __init__(self, checkpoint: str | Path, dtype: str = "fp32", threads: int = 2) -> None:
         import torch
 
-        from agvas_train.reference import ReferencePipeline, prompt_ids
-        from agvas_train.templates import canonical_instruction
+        from agvas.train.reference import ReferencePipeline, prompt_ids
+        from agvas.train.templates import canonical_instruction
 
         if dtype not in ("fp32", "bf16", "autocast"):
             raise ValueError(f"eager dtype must be fp32, bf16 or autocast, got {dtype!r}")
@@ -217,7 +217,7 @@ class RuntimeBackend:
 
     def __init__(self, export_dir: str | Path, provider: str = "cpu", threads: int = 2,
                  label: str | None = None, engine_files: dict[str, str] | None = None) -> None:
-        from runtime import Inspector
+        from agvas.runtime import Inspector
 
         self.label = label
         self.insp = Inspector(export_dir, provider=provider, mode="direct", threads=threads,

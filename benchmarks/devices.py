@@ -1,7 +1,7 @@
 """Roofline latency and memory model for GPUs we cannot run here — MODEL, NOT MEASURED.
 
 For each stage: lower-bound latency = max(FLOPs / peak FLOP/s of the precision,
-bytes moved / memory bandwidth), with the FLOPs of :mod:`benchmarks.flops` and the bytes = the
+bytes moved / memory bandwidth), with the FLOPs of :mod:`agvas.benchmarks.flops` and the bytes = the
 stage's weights at that precision (+ the KV cache read by each decode step). It ignores kernel
 launch overhead, non-matrix ops, activation traffic and imperfect utilisation, so real latency is
 higher; it is a floor, useful to rank devices and precisions and to see what fits.
@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from agvas_train.config import AGVASConfig, get_config
-from calibration.memory_plan import ENGINES, engine_weights, kv_cache_bytes, token_counts
+from agvas.train.config import AGVASConfig, get_config
+from agvas.calibration.memory_plan import ENGINES, engine_weights, kv_cache_bytes, token_counts
 
 from .flops import pipeline_flops
 
@@ -63,7 +63,7 @@ DEVICES: tuple[Device, ...] = (
 )
 
 # Deployment precision -> (compute precision of the LLM, of the vision engines; per-engine weight
-# precision in calibration.memory_plan's layouts). int4 = 4-bit weight-only LLM (W4A16), fp16 vision.
+# precision in agvas.calibration.memory_plan's layouts). int4 = 4-bit weight-only LLM (W4A16), fp16 vision.
 PRECISIONS: dict[str, tuple[str, str, dict[str, str]]] = {
     "fp32": ("fp32", "fp32", {e: "fp32" for e in ENGINES}),
     "fp16": ("fp16", "fp16", {e: "fp16" for e in ENGINES}),
@@ -88,7 +88,7 @@ ANCHORS = (
 @dataclass
 class ModelInventory:
     """What the roofline needs from a config: the model on the meta device, its per-engine weights
-    (:func:`calibration.memory_plan.engine_weights`) and tokenizer (for exact token counts)."""
+    (:func:`agvas.calibration.memory_plan.engine_weights`) and tokenizer (for exact token counts)."""
 
     cfg: AGVASConfig
     model: Any
@@ -97,7 +97,7 @@ class ModelInventory:
 
     @classmethod
     def of(cls, cfg: AGVASConfig) -> "ModelInventory":
-        from agvas_train.modeling import build_model
+        from agvas.train.modeling import build_model
 
         model, tok = build_model(cfg, device="meta")
         return cls(cfg, model, tok, engine_weights(model))
@@ -190,11 +190,11 @@ def devices_data() -> list[dict[str, Any]]:
     return [asdict(d) for d in DEVICES]
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m benchmarks.devices [--json FILE]`
+if __name__ == "__main__":  # pragma: no cover - `python -m agvas.benchmarks.devices [--json FILE]`
     import argparse
     import json
 
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.devices", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m agvas.benchmarks.devices", description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="also write rows, devices and anchors as JSON")
     a = ap.parse_args()
     rows = device_table()

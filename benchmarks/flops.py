@@ -14,7 +14,7 @@ real ``tiny`` modules.
 
 from __future__ import annotations
 
-from agvas_train.config import AGVASConfig
+from agvas.train.config import AGVASConfig
 
 STAGES = ("vision", "sam_encoder", "spam", "prefill", "lm_head", "decode", "agmd")
 
@@ -138,7 +138,7 @@ def agmd_flops(cfg: AGVASConfig, batch: int = 1) -> int:
 
 def pipeline_flops(cfg: AGVASConfig, tokens, *, vocab: int | None = None, causal: bool = True) -> dict[str, int]:
     """FLOPs of every stage for one image with the counts of ``tokens``
-    (a :class:`calibration.memory_plan.TokenCount`: crops, N, prompt, answer): ``prefill`` is the
+    (a :class:`agvas.calibration.memory_plan.TokenCount`: crops, N, prompt, answer): ``prefill`` is the
     whole prompt, ``decode`` is one generated token at the end of the prompt, ``lm_head`` one
     position (the runtime computes logits only where needed)."""
     return {

@@ -8,7 +8,7 @@ call: measured figures next to the memory plan's.
    memory vs the plan;
 3. the PyTorch reference of the 0.5b model on CUDA in bf16: per-image latency.
 
-``python -m benchmarks.gpu_train_check --out DIR`` writes ``DIR/gpu_train_check.json`` and prints
+``python -m agvas.benchmarks.gpu_train_check --out DIR`` writes ``DIR/gpu_train_check.json`` and prints
 one line per figure. ``--smoke`` runs the same code with `tiny` dimensions on the CPU (a check of
 the script itself, not a GPU figure).
 """
@@ -29,7 +29,7 @@ from agvas.atomic import write_text_atomic
 
 
 def _dataset(root: Path, size: int, n: int):
-    from agvas_train.data.synthetic import SyntheticSpec, write_dataset
+    from agvas.train.data.synthetic import SyntheticSpec, write_dataset
 
     spec = SyntheticSpec(seed=3, size=size, n_per_category=n, n_test_per_category=2, n_train_good=0,
                          train_categories=("stripes", "washer"), test_categories=("fabric",))
@@ -39,7 +39,7 @@ def _dataset(root: Path, size: int, n: int):
 def _save_real_layout(cfg, root: Path) -> tuple[Path, Path]:
     """Random weights of ``cfg`` in the real on-disk formats: a float16 LLaVA-OneVision
     directory and an official-layout SAM file."""
-    from agvas_train.modeling import build_model, image_processor_for
+    from agvas.train.modeling import build_model, image_processor_for
 
     model, tok = build_model(cfg)
     llava, sam = root / "llava-fp16", root / "sam_vit_b_random.pth"
@@ -53,14 +53,14 @@ def _save_real_layout(cfg, root: Path) -> tuple[Path, Path]:
 
 
 def _mixture(meta):
-    from agvas_train.data.mixture import Mixture
-    from agvas_train.data.sources import AnomalySource
+    from agvas.train.data.mixture import Mixture
+    from agvas.train.data.sources import AnomalySource
 
     return Mixture({"seg": (AnomalySource.from_meta(meta, "train", {"direct": 1.0}), 1.0)}, seed=0)
 
 
 def _train(model, tok, proc, meta, out: Path, steps: int, batch: int, device: str, dtype: str) -> dict:
-    from agvas_train.train import TrainOptions, Trainer
+    from agvas.train.train import TrainOptions, Trainer
 
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -87,7 +87,7 @@ def _train(model, tok, proc, meta, out: Path, steps: int, batch: int, device: st
 
 
 def _plan(cfg, batch: int, size: int) -> float:
-    from agvas_train.train_plan import plan_training
+    from agvas.train.train_plan import plan_training
 
     return round(plan_training(cfg, strategy="ddp", dtype="bf16", world_size=1, micro_batch=batch,
                                grad_checkpointing=True, image_size=size).total_gib, 2)
@@ -100,10 +100,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps-05b", type=int, default=30)
     p.add_argument("--steps-7b", type=int, default=5)
     args = p.parse_args(argv)
-    from agvas_train.config import get_config
-    from agvas_train.lora import apply_lora
-    from agvas_train.modeling import build_model, image_processor_for
-    from agvas_train.train import build_trainable
+    from agvas.train.config import get_config
+    from agvas.train.lora import apply_lora
+    from agvas.train.modeling import build_model, image_processor_for
+    from agvas.train.train import build_trainable
 
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     # 3. the reference of that model on the device, bf16: per-image latency
     from PIL import Image
 
-    from agvas_train.reference import ReferencePipeline
+    from agvas.train.reference import ReferencePipeline
 
     model.eval()
     pipe = ReferencePipeline(model, tok, proc)

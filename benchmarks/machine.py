@@ -140,7 +140,7 @@ def measure_machine(quick: bool = False, threads: int = 2) -> dict[str, Any]:
     }
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m benchmarks.machine`
+if __name__ == "__main__":  # pragma: no cover - `python -m agvas.benchmarks.machine`
     import json
 
     print(json.dumps(measure_machine(), indent=2))

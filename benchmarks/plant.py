@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from agvas_train.modeling.agvas import AGVAS
-from agvas_train.reference import prompt_ids
-from agvas_train.templates import CANONICAL_DIRECT_ANSWER, canonical_instruction
+from agvas.train.modeling.agvas import AGVAS
+from agvas.train.reference import prompt_ids
+from agvas.train.templates import CANONICAL_DIRECT_ANSWER, canonical_instruction
 
 
 def answer_chain(model: AGVAS, tokenizer) -> list[int]:

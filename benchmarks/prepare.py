@@ -53,7 +53,7 @@ def synthetic_images(out_dir: Path, n: int, size: int, seed: int = 0) -> list[st
 
 def planted_checkpoint(config: str, out: Path, images: list[str] | None = None
                        ) -> tuple[Path, dict[str, Any]]:
-    """Random-init ``config`` (its seed) with the planted answer (:mod:`benchmarks.plant`), probed
+    """Random-init ``config`` (its seed) with the planted answer (:mod:`agvas.benchmarks.plant`), probed
     on the real visual tokens of ``images`` (at most two of them), saved as a full checkpoint.
     Reused when present."""
     meta_path = out / "checkpoint.json"
@@ -61,9 +61,9 @@ def planted_checkpoint(config: str, out: Path, images: list[str] | None = None
         meta = json.loads(meta_path.read_text())
         if "bench_planted" in meta:
             return out, meta["bench_planted"]
-    from agvas_train.checkpoint import save_checkpoint
-    from agvas_train.config import get_config
-    from agvas_train.modeling import build_model, image_processor_for
+    from agvas.train.checkpoint import save_checkpoint
+    from agvas.train.config import get_config
+    from agvas.train.modeling import build_model, image_processor_for
 
     from .plant import plant_answer
 
@@ -71,7 +71,7 @@ def planted_checkpoint(config: str, out: Path, images: list[str] | None = None
     model, tok = build_model(cfg)
     visuals = None
     if images:
-        from agvas_train.reference import ReferencePipeline
+        from agvas.train.reference import ReferencePipeline
 
         pipe = ReferencePipeline(model, tok, image_processor_for(cfg))
         visuals = [pipe.encode(pipe.prepare(p))[0] for p in images[:2]]
@@ -82,7 +82,7 @@ def planted_checkpoint(config: str, out: Path, images: list[str] | None = None
 
 
 def _hash_file(ckpt: Path) -> str:
-    from agvas_train.checkpoint import checkpoint_hash
+    from agvas.train.checkpoint import checkpoint_hash
 
     return checkpoint_hash(ckpt)
 
@@ -147,8 +147,8 @@ def genai_model(ckpt: Path, cache: Path, precision: str, log: Path) -> Path:
     code = (
         "import sys, contextlib, io, os\n"
         "os.environ['HF_HUB_OFFLINE']='1'\n"
-        "from agvas_train.checkpoint import load_checkpoint\n"
-        "from export.llm import save_causal_lm\n"
+        "from agvas.train.checkpoint import load_checkpoint\n"
+        "from agvas.export.llm import save_causal_lm\n"
         "from onnxruntime_genai.models.builder import create_model, parse_extra_options\n"
         "ckpt, hf, out, prec, cache = sys.argv[1:6]\n"
         "model, tok, _, _ = load_checkpoint(ckpt, merge=True)\n"

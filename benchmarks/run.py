@@ -1,6 +1,6 @@
 """Orchestration: back-ends in their own processes, interleaved rounds, then the bench record.
 
-Each back-end is a :class:`Worker` (a subprocess running :mod:`benchmarks.worker`); a *group* of
+Each back-end is a :class:`Worker` (a subprocess running :mod:`agvas.benchmarks.worker`); a *group* of
 workers is alive at once and driven in rounds — one pass of every variant of every worker per
 round — so A/B ratios inside a group are measured side by side under the same load. The first
 ``warmup`` rounds are discarded; the first recorded round stores the outputs for agreement.
@@ -48,14 +48,14 @@ class WorkerSpec:
 
 
 class Worker:
-    """A back-end process speaking :mod:`benchmarks.worker`'s JSON-lines protocol."""
+    """A back-end process speaking :mod:`agvas.benchmarks.worker`'s JSON-lines protocol."""
 
     def __init__(self, spec: WorkerSpec, outputs_dir: Path, log: Path, threads: int = 2) -> None:
         self.spec = spec
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "TOKENIZERS_PARALLELISM": "false"}
         self._log = open(log, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "agvas.benchmarks.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
                                      cwd=str(Path(__file__).resolve().parent.parent))
         self.setup = self.call({"cmd": "setup", "spec": spec.to_json(outputs_dir, threads)})
@@ -157,8 +157,8 @@ def run_group(specs: list[WorkerSpec], *, warmup: int, iters: int, outputs_dir: 
 # ---- aggregation --------------------------------------------------------------------------
 
 def load_outputs(path: Path) -> list[Any]:
-    """The ``.npz`` a worker wrote, as :class:`calibration.gate.Outputs` (plus ``prob``)."""
-    from calibration.gate import Outputs
+    """The ``.npz`` a worker wrote, as :class:`agvas.calibration.gate.Outputs` (plus ``prob``)."""
+    from agvas.calibration.gate import Outputs
 
     z = np.load(path)
     out = []
@@ -175,7 +175,7 @@ def agreement(reference: Path, candidate: Path) -> dict[str, Any]:
     """Mask IoU, verdict, anchor-state cosine and text agreement against the fp32 reference
     (calibration's gate metrics, so bench and ``agvas quantize`` agree on definitions), paired by
     input image. ``reference`` must be another run's file: comparing a file with itself raises."""
-    from calibration.gate import compare
+    from agvas.calibration.gate import compare
 
     reference, candidate = Path(reference), Path(candidate)
     if reference.resolve() == candidate.resolve():
@@ -342,7 +342,7 @@ def _runtime_specs(opts: BenchOptions, ckpt: Path, cfg_dir: Path, log: Path, ima
     why = prepare.verb_available("export") or prepare.verb_available("inspect")
     if why is None:
         try:
-            import runtime
+            import agvas.runtime
 
             if not hasattr(runtime, "Inspector"):
                 why = "runtime.Inspector is missing"
@@ -379,7 +379,7 @@ def _runtime_specs(opts: BenchOptions, ckpt: Path, cfg_dir: Path, log: Path, ima
 
 def heldout_records(meta: Path, n: int) -> list:
     """``n`` records of the meta file's test split, spread evenly over it (normal and anomalous)."""
-    from agvas_train.data.meta import read_meta
+    from agvas.train.data.meta import read_meta
 
     recs = read_meta(meta, "test")
     if not recs:
@@ -389,10 +389,10 @@ def heldout_records(meta: Path, n: int) -> list:
 
 
 def accuracy(outputs: Path, meta: Path, images: list[str]) -> dict[str, Any]:
-    """IoU_ano, IoU_nor, pixel AP, ... (agvas_train.metrics, mean over categories) of one run's
+    """IoU_ano, IoU_nor, pixel AP, ... (agvas.train.metrics, mean over categories) of one run's
     saved outputs against the ground truth of the images it inspected."""
-    from agvas_train.data.meta import load_mask, read_meta
-    from agvas_train.metrics import CategoryStats, summarize
+    from agvas.train.data.meta import load_mask, read_meta
+    from agvas.train.metrics import CategoryStats, summarize
 
     by_path = {str(r.image): r for r in read_meta(meta, "test")}
     cats: dict[str, CategoryStats] = {}
@@ -493,7 +493,7 @@ def bench(opts: BenchOptions, progress: Callable[[str], None] = lambda s: None) 
     """Run the comparison for ``opts.config``; returns the bench record (and writes the outputs)."""
     import datetime
 
-    from agvas_train.config import get_config
+    from agvas.train.config import get_config
 
     from . import report
     from .machine import measure_machine
@@ -643,8 +643,8 @@ def efficiency(runs: list[dict], cfg, machine: dict) -> None:
     """Achieved FLOP/s per compute-bound stage and its fraction of the machine's measured peak of
     the precision the stage runs in (prefill, vision, SAM encoder); decode as a share of the
     measured memory bandwidth (weights streamed once per token)."""
-    from calibration.memory_plan import engine_weights, token_counts
-    from agvas_train.modeling import build_model
+    from agvas.calibration.memory_plan import engine_weights, token_counts
+    from agvas.train.modeling import build_model
 
     from .flops import lm_head_flops, llm_flops, pipeline_flops
 

@@ -1,4 +1,4 @@
-"""One back-end in its own process (so peak RSS does not mix), driven by :mod:`benchmarks.run`.
+"""One back-end in its own process (so peak RSS does not mix), driven by :mod:`agvas.benchmarks.run`.
 
 Protocol: JSON lines. The parent writes ``{"cmd": "setup"|"round"|"quit", ...}`` on stdin; the
 worker answers one line per command on the *original* stdout (library prints are redirected to

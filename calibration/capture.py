@@ -12,7 +12,7 @@ The runtime's :class:`runtime.Inspector` runs the images; capture only wraps wha
   plus the forced answer on the fast path), ``attention_mask``, empty ``past_key_values.*``.
   Decode steps are not stored (their inputs are a KV cache).
 
-Images come from a folder, glob, list file or ``meta.json`` (``runtime.inputs.expand_inputs``);
+Images come from a folder, glob, list file or ``meta.json`` (``agvas.runtime.inputs.expand_inputs``);
 a seeded shuffle picks ``n`` calibration images and ``held_out`` others (from the same source or
 from ``held_src``), whose inputs are not stored (the gate measures them as unseen data).
 """
@@ -74,7 +74,7 @@ class _RecordingLLM:
 
 
 def _images(src: list[str] | str, flag: str) -> list:
-    from runtime.inputs import expand_inputs
+    from agvas.runtime.inputs import expand_inputs
 
     items = [it for it in expand_inputs([src] if isinstance(src, str) else list(src)) if Path(it.path).is_file()]
     if not items:
@@ -110,8 +110,8 @@ def capture(engines_dir: str | os.PathLike, src: list[str] | str, out_dir: str |
     """Run the fp32 export ``engines_dir`` over the images of ``src``; write ``out_dir``."""
     from tqdm import tqdm
 
-    from export.manifest import file_digest
-    from runtime import Inspector
+    from agvas.export.manifest import file_digest
+    from agvas.runtime import Inspector
 
     engines_dir, out_dir = Path(engines_dir), Path(out_dir)
     insp = Inspector(engines_dir, provider=provider, mode="direct", vision_tokens=vision_tokens, threads=threads)
@@ -172,7 +172,7 @@ def capture(engines_dir: str | os.PathLike, src: list[str] | str, out_dir: str |
 def write_tensorrt_calibration(store: CalibrationStore, manifest, progress: bool = True,
                                log: Callable[[str], None] = print) -> CalibrationStore:
     """The TensorRT calibration files of the vision-side engines, under ``CAL/tensorrt/<engine>/``,
-    one per consumer (paths as ``export.tensorrt`` reads them):
+    one per consumer (paths as ``agvas.export.tensorrt`` reads them):
 
     - ``calibration.flatbuffers``: the ONNX Runtime TensorRT EP's table (ORT's format:
       ``trt_int8_use_native_calibration_table`` false);
@@ -180,14 +180,14 @@ def write_tensorrt_calibration(store: CalibrationStore, manifest, progress: bool
       ``build_engines.sh --int8 --calib-dir CAL`` (``trtexec --calib``; the script sets its header
       to the installed TensorRT version);
     - ``entropy.cache``: TensorRT's own entropy calibration, only where ``tensorrt`` and
-      ``cuda-python`` import (else the reason is recorded; ``python -m export.tensorrt --int8
+      ``cuda-python`` import (else the reason is recorded; ``python -m agvas.export.tensorrt --int8
       --calib-dir CAL`` calibrates on the target from the same samples).
 
     The record goes into ``calibration.json`` under ``tensorrt``."""
     import json
 
     from agvas.atomic import write_text_atomic
-    from export.tensorrt import ENTROPY_CACHE, profiles
+    from agvas.export.tensorrt import ENTROPY_CACHE, profiles
 
     from .readers import StoreReader, tensorrt_entropy_cache, tensorrt_ep_table
     from .store import META_NAME

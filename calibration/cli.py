@@ -5,7 +5,7 @@
 Besides the samples (``agvas quantize --calib CAL``), CAL holds the TensorRT INT8 files of the
 vision-side engines, ``CAL/tensorrt/<engine>/``: ``tensorrt.cache`` for
 ``build_engines.sh --int8 --calib-dir CAL`` (trtexec), ``calibration.flatbuffers`` for the ONNX
-Runtime TensorRT EP, and the samples the Python builder (``python -m export.tensorrt EXPORT --int8
+Runtime TensorRT EP, and the samples the Python builder (``python -m agvas.export.tensorrt EXPORT --int8
 --calib-dir CAL``) calibrates on.
 """
 
@@ -61,6 +61,6 @@ def run(args) -> int:
           + ", ".join(f"{e} {store.count(e)}" for e in store.engines) + f" samples, {size / 1e6:,.1f} MB")
     if store.meta.get("tensorrt"):
         print(f"TensorRT INT8: {out}/tensorrt/<engine>/ — build_engines.sh --int8 --calib-dir {out} (trtexec), "
-              f"python -m export.tensorrt {args.engines} --int8 --calib-dir {out}, or AGVAS_TRT_CALIB_DIR={out} for "
+              f"python -m agvas.export.tensorrt {args.engines} --int8 --calib-dir {out}, or AGVAS_TRT_CALIB_DIR={out} for "
               f"the TensorRT EP")
     return 1 if store.meta.get("skipped") else 0

@@ -6,7 +6,7 @@ step over the demo's folders: it calibrates on the normal images of the training
 verdict agreement means something), and writes the cheapest export that holds the default
 budget (``--auto``). Add it after the export step::
 
-    from calibration.demo import step_quantize
+    from agvas.calibration.demo import step_quantize
     STEPS.append(("quantize", step_quantize))   # reads d.out / "export", writes d.out / "export_quantized"
 """
 
@@ -31,7 +31,7 @@ def calibrate_and_quantize(export_dir: str | os.PathLike, out_root: str | os.Pat
     (paths, precisions, gate numbers, sizes); ``quantized`` is None when the gate failed."""
     import shutil
 
-    from export.manifest import file_digest
+    from agvas.export.manifest import file_digest
 
     from .capture import capture
     from .quantized_export import quantize_export
@@ -65,7 +65,7 @@ def calibrate_and_quantize(export_dir: str | os.PathLike, out_root: str | os.Pat
 
 
 def step_quantize(d) -> None:
-    """The demo step (``d`` is ``agvas_train.demo.Demo``). The console shows the capture bar, one
+    """The demo step (``d`` is ``agvas.train.demo.Demo``). The console shows the capture bar, one
     bar over the quantize/gate steps and the one-line result; ONNX Runtime's quantization chatter
     (root-logger INFO/WARNING lines) and our step notes go to ``DIR/logs/quantize.log``."""
     from tqdm import tqdm

@@ -107,7 +107,7 @@ def engine_weights(model) -> dict[str, EngineWeights]:
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             engine = _engine_of(full)
             if engine is None:
-                raise ValueError(f"parameter {full!r} belongs to no engine; update calibration.memory_plan._engine_of")
+                raise ValueError(f"parameter {full!r} belongs to no engine; update agvas.calibration.memory_plan._engine_of")
             ew = out[engine]
             if id(p) in first_owner:  # a tied tensor: the engine holds a copy of it
                 ew.tied_to = first_owner[id(p)]
@@ -155,8 +155,8 @@ def token_counts(model, tokenizer, image: tuple[int, int], vision_tokens: str = 
     import torch
     from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-    from agvas_train.reference import prompt_ids
-    from agvas_train.templates import CANONICAL_DIRECT_ANSWER, canonical_instruction
+    from agvas.train.reference import prompt_ids
+    from agvas.train.templates import CANONICAL_DIRECT_ANSWER, canonical_instruction
 
     cfg = model.cfg
     lm, hf = model.llava.model, model.llava.config
@@ -248,8 +248,8 @@ def memory_plan(config, images: tuple[tuple[int, int], ...] = DEFAULT_IMAGES, bl
     ``devices``: per scenario x image x mode, total GiB (GPU layout: fp16 KV/activations and
     float parts) and whether it fits each Orin after ``reserve_gib``.
     """
-    from agvas_train.config import get_config
-    from agvas_train.modeling import build_model, count_parameters
+    from agvas.train.config import get_config
+    from agvas.train.modeling import build_model, count_parameters
 
     cfg = get_config(config) if isinstance(config, str) else config
     model, tok = build_model(cfg, device="meta")

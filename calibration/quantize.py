@@ -101,7 +101,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
 
 def copy_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> list[Path]:
     """Copy a graph and its external-data files (the names the graph references)."""
-    from export.manifest import onnx_external_files
+    from agvas.export.manifest import onnx_external_files
 
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def _record(method: str, src: Path, files: list[Path], t0: float, **details: Any
 
 
 def _ext(path: Path) -> list[str]:
-    from export.manifest import onnx_external_files
+    from agvas.export.manifest import onnx_external_files
 
     return onnx_external_files(path)
 
@@ -307,11 +307,11 @@ def quantize_int8_static(src: str | os.PathLike, dst: str | os.PathLike, reader,
 
 def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, *, fp16_io: bool = False,
                  op_block_list: list[str] | None = None) -> dict[str, Any]:
-    """fp16 weights and compute (``export.precision.fp16_model``: the file-based converter, so
+    """fp16 weights and compute (``agvas.export.precision.fp16_model``: the file-based converter, so
     graphs above 2 GB convert). ``fp16_io=False`` keeps float graph IO float32; ``True`` makes it
     fp16 — the GPU LLM, whose KV cache then stays fp16 from one decode step to the next.
     ``op_block_list``: the ops kept float32 (default: ORT's list + LayerNorm/Softmax)."""
-    from export.precision import fp16_model
+    from agvas.export.precision import fp16_model
 
     src, dst, t0 = Path(src), Path(dst), time.perf_counter()
     model = fp16_model(src, keep_io_types=not fp16_io, op_block_list=op_block_list)

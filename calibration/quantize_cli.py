@@ -13,7 +13,7 @@ import logging
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from agvas_train.config import CONFIGS
+    from agvas.train.config import CONFIGS
 
     from .gate import BUDGET_KEYS
     from .quantize import INT4_ALGORITHMS, STATIC_METHODS

@@ -15,7 +15,7 @@ Per engine and precision (built once into a work folder and reused by the search
 - ``agmd`` stays fp32 (small, and it shapes the mask directly).
 
 Candidates run through the runtime's ``Inspector`` with engine-file overrides on the fp32
-export, on every calibration and held-out image of CAL; see :mod:`calibration.gate`.
+export, on every calibration and held-out image of CAL; see :mod:`agvas.calibration.gate`.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def _feeds_for(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def engine_checks(export_dir: Path, fp32: dict[str, Path], cand: dict[str, Path], store: CalibrationStore,
                   samples: int = 2, threads: int | None = None) -> tuple[dict[str, float], dict[str, float] | None]:
     """Per changed engine, the output SNR (dB) against its fp32 graph on the first captured inputs;
-    for a changed ``llm`` also the teacher-forced check (see :class:`calibration.gate.GateResult`)."""
+    for a changed ``llm`` also the teacher-forced check (see :class:`agvas.calibration.gate.GateResult`)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -292,7 +292,7 @@ def evaluate(export_dir: Path, store: CalibrationStore, files: dict[str, Path], 
     """Run the export with ``files`` overriding its engines over every image of ``store``."""
     from tqdm import tqdm
 
-    from runtime import Inspector
+    from agvas.runtime import Inspector
 
     meta = store.meta
     fp32 = {e: Path(export_dir) / ent["file"] for e, ent in load_export(export_dir).engines.items()}
@@ -314,7 +314,7 @@ def evaluate(export_dir: Path, store: CalibrationStore, files: dict[str, Path], 
 
 
 def load_export(export_dir: str | os.PathLike, verify: str = "bytes"):
-    from export.manifest import load_manifest
+    from agvas.export.manifest import load_manifest
 
     return load_manifest(export_dir, verify=verify)
 
@@ -324,8 +324,8 @@ def load_export(export_dir: str | os.PathLike, verify: str = "bytes"):
 def write_export(src_manifest, out_dir: Path, files: dict[str, Path], recs: dict[str, dict[str, Any]],
                  calibration: dict[str, Any], gate: dict[str, Any]) -> Path:
     """Copy the fp32 export's other files, place the chosen engine files, write the manifest with
-    ``export.manifest``'s writer (precisions, hashes, calibration record, gate results)."""
-    from export.manifest import onnx_entry, onnx_external_files, write_manifest
+    ``agvas.export.manifest``'s writer (precisions, hashes, calibration record, gate results)."""
+    from agvas.export.manifest import onnx_entry, onnx_external_files, write_manifest
 
     src_root = Path(src_manifest.root)
     engines = src_manifest.engines
@@ -358,10 +358,10 @@ def write_export(src_manifest, out_dir: Path, files: dict[str, Path], recs: dict
     data["calibration"] = calibration
     data["accuracy_gate"] = gate
     if isinstance(data.get("gpu"), dict) and "tensorrt_ep" in data["gpu"]:
-        # the GPU settings follow the new precisions (export.tensorrt.gpu_settings): a QDQ int8
+        # the GPU settings follow the new precisions (agvas.export.tensorrt.gpu_settings): a QDQ int8
         # engine gets trt_int8_enable and no calibration table (ORT: a QDQ model takes none), and
         # the TensorRT build recipe builds it as explicitly quantized; build_engines.sh is rewritten
-        from export.tensorrt import BUILD_SCRIPT, DEFAULT_WORKSPACE_MB, gpu_settings, write_build_script
+        from agvas.export.tensorrt import BUILD_SCRIPT, DEFAULT_WORKSPACE_MB, gpu_settings, write_build_script
 
         native = data["gpu"].get("tensorrt") or {}
         max_batch = int(native.get("max_batch", 4))
@@ -391,7 +391,7 @@ def quantize_export(engines_dir: str | os.PathLike, calib_dir: str | os.PathLike
     written unless ``force`` (then the manifest records the failed gate). With ``auto`` each engine
     walks its ladder cheapest first (LLM, then vision, sam_encoder, spam) keeping the first
     precision whose cumulative candidate passes the gate."""
-    from export.manifest import file_digest
+    from agvas.export.manifest import file_digest
 
     opts = opts or QuantOptions()
     budget = budget or Budget()

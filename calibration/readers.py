@@ -135,7 +135,7 @@ def tensorrt_ep_table(model_path: str | os.PathLike, reader: StoreReader, out_di
 
 
 def _has_external_data(path: str | os.PathLike) -> bool:
-    from export.manifest import onnx_external_files
+    from agvas.export.manifest import onnx_external_files
 
     return bool(onnx_external_files(path))
 
@@ -249,7 +249,7 @@ def entropy_calibrator(trt, store: CalibrationStore, engine: str, inputs: list[d
     feeding the store's samples of that shape from device buffers (grown when a batch needs more),
     reading ``cache_path`` first (TensorRT skips a cache it cannot use and calibrates) and writing
     the cache TensorRT produces. ``cudart``: cuda-python's runtime module (default: imported)."""
-    from runtime.trt_engine import cuda_check, cuda_runtime
+    from agvas.runtime.trt_engine import cuda_check, cuda_runtime
 
     cudart = cudart if cudart is not None else cuda_runtime()
     shape, n = calibration_shape(store.samples(engine), inputs)
@@ -317,14 +317,14 @@ def tensorrt_entropy_cache(onnx_path: str | os.PathLike, store: CalibrationStore
         import tensorrt as trt
     except Exception as e:  # the PyPI stubs raise at import on machines without NVIDIA's wheels
         return {"skipped": f"tensorrt is not importable here ({type(e).__name__}: {e}); the Python builder "
-                           f"(python -m export.tensorrt EXPORT --int8 --calib-dir CAL) calibrates on the target"}
+                           f"(python -m agvas.export.tensorrt EXPORT --int8 --calib-dir CAL) calibrates on the target"}
     try:
-        from runtime.trt_engine import cuda_runtime
+        from agvas.runtime.trt_engine import cuda_runtime
 
         cudart = cuda_runtime()
     except RuntimeError as e:
         return {"skipped": f"{e}: it holds the calibration batches on the GPU"}
-    from export.tensorrt import build_recipe, build_serialized, trt_major
+    from agvas.export.tensorrt import build_recipe, build_serialized, trt_major
 
     recipe = build_recipe(trt_major(trt), "fp32", fp16=False, int8=True)
     calibrator, shape, rec = entropy_calibrator(trt, store, engine, inputs, cache_path, cudart=cudart)

@@ -9,8 +9,8 @@ EXPORT_DIR = "export"
 
 
 def step_export(d) -> None:
-    """The demo step (``d`` is ``agvas_train.demo.Demo``)."""
-    from agvas_train.checkpoint import checkpoint_hash
+    """The demo step (``d`` is ``agvas.train.demo.Demo``)."""
+    from agvas.train.checkpoint import checkpoint_hash
 
     from .exporter import export_checkpoint
     from .manifest import ManifestError, load_manifest

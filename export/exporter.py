@@ -46,7 +46,7 @@ def _tool_versions() -> dict[str, str]:
 
 
 def _prompt(cfg) -> dict[str, Any]:
-    from agvas_train.templates import CANONICAL_DIRECT_ANSWER, DESCRIBE_PLUS_INSTRUCTIONS, MODES, canonical_instruction
+    from agvas.train.templates import CANONICAL_DIRECT_ANSWER, DESCRIBE_PLUS_INSTRUCTIONS, MODES, canonical_instruction
 
     instr = {m: canonical_instruction(m) for m in MODES if m != "describe_plus"}
     instr["describe_plus"] = DESCRIBE_PLUS_INSTRUCTIONS[0].format(normal="{normal}", target="anomalies")
@@ -106,7 +106,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
                       progress: Callable[[str], None] | None = None) -> Path:
     """Export ``checkpoint`` into ``out``; returns the path of the written manifest. ``opset``:
     default 17 for ``target="tensorrt"`` (the newest TensorRT 8.6 parses), else ``DEFAULT_OPSET``."""
-    from agvas_train.checkpoint import checkpoint_hash, load_checkpoint
+    from agvas.train.checkpoint import checkpoint_hash, load_checkpoint
 
     from .llm import BUILDER_TARGETS, build_llm, llm_record, save_arrays, save_causal_lm
     from .precision import convert_fp16

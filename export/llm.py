@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agvas_train.modeling.agvas import AGVAS
+from agvas.train.modeling.agvas import AGVAS
 
 BUILDER_OPTIONS = ("exclude_embeds=true", "include_hidden_states=true", "prune_lm_head=true", "hf_token=false")
 # export precision -> (builder precision, builder execution provider)

@@ -7,7 +7,7 @@ export's ONNX files, by either
 - ``build_engines.sh`` (written into the export by ``agvas export --target tensorrt`` and by
   ``agvas quantize``): ``trtexec`` with one optimisation profile per engine from the manifest's
   dynamic axes; or
-- ``python -m export.tensorrt EXPORT_DIR``: the same with the ``tensorrt`` Python API.
+- ``python -m agvas.export.tensorrt EXPORT_DIR``: the same with the ``tensorrt`` Python API.
 
 Both take ``--int8 --calib-dir CAL`` (CAL: what ``agvas calibrate --out CAL`` wrote; default
 ``EXPORT/calibration``) and ``--dry-run`` (print one ``trtexec`` command per engine, exit 0 only
@@ -160,7 +160,7 @@ def engine_modes(data: dict[str, Any]) -> dict[str, str]:
 
 
 def fp32_layer_names(onnx_path: str | os.PathLike) -> list[str]:
-    """Names of the graph's LayerNorm/Softmax-family nodes (``export.precision.FP32_OPS``), which
+    """Names of the graph's LayerNorm/Softmax-family nodes (``agvas.export.precision.FP32_OPS``), which
     the fp16 export keeps in fp32. TensorRT's ONNX parser names a node's layer after the node, so
     these are the layers a weakly typed ``--fp16`` build constrains to fp32. Left out: names
     trtexec's ``--layerPrecisions`` grammar cannot carry (``,`` or ``:``) and nodes with more than
@@ -524,7 +524,7 @@ def gpu_settings(data: dict[str, Any], max_batch: int = 4, workspace_mb: int = D
     calibration table for a model with Q/DQ nodes); an fp32 engine runs INT8 only with the table
     ``agvas calibrate`` wrote — ORT's own flatbuffers format, so
     ``trt_int8_use_native_calibration_table`` is False — which the runtime takes from a calibration
-    directory (``runtime.engines.ort_providers``), read relative to ``trt_engine_cache_path``.
+    directory (``agvas.runtime.engines.ort_providers``), read relative to ``trt_engine_cache_path``.
     ``trt_layer_norm_fp32_fallback`` keeps the layer-norm Pow/Reduce ops of the fp16 builds in fp32."""
     profs = profiles(data, max_batch)
     llm_prec = data["engines"]["llm"]["precision"]
@@ -561,8 +561,8 @@ def gpu_settings(data: dict[str, Any], max_batch: int = 4, workspace_mb: int = D
         },
         "tensorrt": {
             "build_script": BUILD_SCRIPT,
-            "python_builder": "python -m export.tensorrt <export_dir> [--int8 --calib-dir CAL] [--dry-run]",
-            "runner": "runtime.trt_engine.TRTEngine",
+            "python_builder": "python -m agvas.export.tensorrt <export_dir> [--int8 --calib-dir CAL] [--dry-run]",
+            "runner": "agvas.runtime.trt_engine.TRTEngine",
             "plans": {name: f"{PLAN_DIR}/{name}.plan" for name in TRT_ENGINES},
             "plan_records": PLAN_RECORD,
             "modes": modes,
@@ -632,7 +632,7 @@ def build_serialized(trt, onnx_path: str | os.PathLike, prof: dict[str, dict[str
     for flag in recipe.flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
     if recipe.fp32_layers and not _hold_fp32(trt, network, recipe.fp32_layers):
-        print(f"export.tensorrt: note: no layer of {onnx_path} is named after its LayerNorm/Softmax nodes; "
+        print(f"agvas.export.tensorrt: note: no layer of {onnx_path} is named after its LayerNorm/Softmax nodes; "
               f"nothing held in fp32", file=sys.stderr)
     profile = builder.create_optimization_profile()
     for name, s in prof.items():
@@ -707,7 +707,7 @@ def plan_engines(root: str | os.PathLike, engines: tuple[str, ...] = TRT_ENGINES
 
 def _check_calibration(m, cal: Path) -> Any:
     """The calibration store of ``cal``, refused when it was captured from another checkpoint."""
-    from calibration.store import CalibrationStore
+    from agvas.calibration.store import CalibrationStore
 
     store = CalibrationStore(cal)
     want = (store.meta.get("export") or {}).get("checkpoint_sha256")
@@ -740,7 +740,7 @@ def build_engines(root: str | os.PathLike, engines: tuple[str, ...] = TRT_ENGINE
         name, recipe = ep.name, ep.recipe
         calibrator, shape, cal_rec = None, None, None
         if recipe.calibrate:
-            from calibration.readers import entropy_calibrator
+            from agvas.calibration.readers import entropy_calibrator
 
             calibrator, shape, cal_rec = entropy_calibrator(trt, store, name, m.engine(name)["inputs"],
                                                             p.calib_dir / ENTROPY_CACHE.format(engine=name))
@@ -761,7 +761,7 @@ def build_engines(root: str | os.PathLike, engines: tuple[str, ...] = TRT_ENGINE
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.tensorrt", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m agvas.export.tensorrt", description=__doc__.splitlines()[0])
     p.add_argument("export_dir")
     p.add_argument("engines", nargs="*", default=list(TRT_ENGINES), help=f"default: {' '.join(TRT_ENGINES)}")
     p.add_argument("--int8", action="store_true",
@@ -790,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_engines(a.export_dir, tuple(a.engines), major=major, fp16=not a.no_fp16, int8=a.int8,
                                 calib_dir=a.calib_dir, max_batch=a.max_batch, workspace_mb=a.workspace_mb, python=True)
             for f, how in plan.missing:
-                print(f"export.tensorrt: missing {f} ({how})", file=sys.stderr)
+                print(f"agvas.export.tensorrt: missing {f} ({how})", file=sys.stderr)
             if plan.missing:
                 return 2
             print(f"# TensorRT {major} flags; run in {plan.manifest.root}", file=sys.stderr)
@@ -800,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         built = build_engines(a.export_dir, tuple(a.engines), fp16=not a.no_fp16, int8=a.int8, calib_dir=a.calib_dir,
                               max_batch=a.max_batch, workspace_mb=a.workspace_mb)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
-        print(f"export.tensorrt: error: {e}", file=sys.stderr)
+        print(f"agvas.export.tensorrt: error: {e}", file=sys.stderr)
         return 2
     for name, path in built.items():
         print(f"{name}: {path}")

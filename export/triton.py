@@ -8,7 +8,7 @@
         1/model.py            export/triton_model.py: runtime.Inspector with its engines called over BLS
         1/export/             manifest.json, tokenizer/, embed_tokens.npy, image_newline.npy
       agvas_vision/           one model per engine: onnxruntime backend, or tensorrt_plan where
-      agvas_sam_encoder/      ``python -m export.tensorrt`` built a plan (trt/NAME.plan)
+      agvas_sam_encoder/      ``python -m agvas.export.tensorrt`` built a plan (trt/NAME.plan)
       agvas_spam/             the vision parts and lm_head: dynamic batching (the batch axis is the
       agvas_agmd/             engine's first, dynamic axis: crops for vision, images for the rest)
       agvas_lm_head/
@@ -113,7 +113,7 @@ def _max_batch(m: Manifest, engine: str, max_batch: int, plan: bool) -> int:
     ``max_batch`` images (the vision engine batches crops: that many images' worth of them).
 
     A plan's profile is the one its builder recorded beside it (``trt/<engine>.plan.json``, written
-    by ``build_engines.sh`` and ``python -m export.tensorrt``, so a plan rebuilt with another
+    by ``build_engines.sh`` and ``python -m agvas.export.tensorrt``, so a plan rebuilt with another
     ``--max-batch`` is served with its own); a plan without that record is taken to have the
     export's profile (``gpu.tensorrt.profiles``)."""
     from .tensorrt import axis_ranges, plan_record
@@ -244,5 +244,5 @@ def run(args: argparse.Namespace) -> int:
             for p in sorted(out.iterdir())}
     print(json.dumps({"repository": str(out), "models": tree,
                       "serve": f"tritonserver --model-repository {out.resolve()}",
-                      "client": "python -m export.triton_client IMAGE --url localhost:8000"}, indent=1))
+                      "client": "python -m agvas.export.triton_client IMAGE --url localhost:8000"}, indent=1))
     return 0

@@ -3,8 +3,8 @@
 ::
 
     pip install 'agvas-edge[triton]'       # tritonclient[http]
-    python -m export.triton_client part.png --url localhost:8000 --mask part_mask.png
-    python -m export.triton_client part.png --perf-data perf.json   # input file for perf_analyzer
+    python -m agvas.export.triton_client part.png --url localhost:8000 --mask part_mask.png
+    python -m agvas.export.triton_client part.png --perf-data perf.json   # input file for perf_analyzer
 
 The image travels encoded (PNG/JPEG bytes, one per request); the server decodes, orients and
 converts it exactly as ``agvas inspect`` does.
@@ -51,7 +51,7 @@ def infer(client, data: bytes, model: str = MODEL) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.triton_client", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m agvas.export.triton_client", description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", help="image files to inspect")
     p.add_argument("--url", default="localhost:8000", help="Triton HTTP endpoint (default localhost:8000)")
     p.add_argument("--model", default=MODEL, help=f"entry model name (default {MODEL})")

@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from export.manifest import Manifest, load_manifest
-from runtime.engines import LLM
-from runtime.inspector import Inspector
+from agvas.export.manifest import Manifest, load_manifest
+from agvas.runtime.engines import LLM
+from agvas.runtime.inspector import Inspector
 
 CPU = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)  # BLS outputs as numpy
 
 
 class BLSEngine:
-    """An engine model behind the call shape of ``runtime.engines.Engine``: ``run(**feeds)``
+    """An engine model behind the call shape of ``agvas.runtime.engines.Engine``: ``run(**feeds)``
     returns the outputs by name (fp16 as float32)."""
 
     def __init__(self, model: str, entry: dict) -> None:
@@ -55,7 +55,7 @@ class BLSEngine:
 
 
 class BLSLLM(LLM):
-    """``runtime.engines.LLM`` (same IO names, positions and call shape) with the cache held as
+    """``agvas.runtime.engines.LLM`` (same IO names, positions and call shape) with the cache held as
     numpy arrays and each step sent to the ``llm`` model."""
 
     def __init__(self, engine: BLSEngine, spec: dict) -> None:
@@ -90,7 +90,7 @@ class BLSLLM(LLM):
 
 
 class BLSEngines:
-    """What ``runtime.inspector.Inspector`` reads from ``runtime.engines.Engines``."""
+    """What ``agvas.runtime.inspector.Inspector`` reads from ``agvas.runtime.engines.Engines``."""
 
     def __init__(self, manifest: Manifest, models: dict[str, str]) -> None:
         self.manifest, self.threads = manifest, None
@@ -109,9 +109,9 @@ class BLSEngines:
 
 def bls_inspector(export_dir: Path, engines: BLSEngines, **options) -> Inspector:
     """A ``runtime.Inspector`` over ``engines``. Its constructor opens ONNX Runtime sessions
-    through the module name ``runtime.inspector.Engines``; that name points at ``engines`` while
+    through the module name ``agvas.runtime.inspector.Engines``; that name points at ``engines`` while
     it runs (the files it would open are not in this folder; the engine models hold them)."""
-    import runtime.inspector as ri
+    import agvas.runtime.inspector as ri
 
     sessions = ri.Engines
     ri.Engines = lambda *_args, **_kwargs: engines

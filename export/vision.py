@@ -1,6 +1,6 @@
 """The vision-side engines — ``vision``, ``sam_encoder``, ``spam``, ``agmd`` — and ``lm_head``.
 
-Each is one wrapper from :mod:`export.wrappers` exported by :func:`export.graphs.export_module`
+Each is one wrapper from :mod:`agvas.export.wrappers` exported by :func:`agvas.export.graphs.export_module`
 with its dynamic axes (named as the manifest records them):
 
 - ``vision``: ``n_crops`` (the runtime runs base tile + grid crops together, or only the base);
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from agvas_train.modeling.agvas import AGVAS
+from agvas.train.modeling.agvas import AGVAS
 
 from .graphs import EXTERNAL_DATA_THRESHOLD, export_module, module_bytes
 from .wrappers import ENGINE_IO, AgmdEngine, LmHeadEngine, SamEncoderEngine, SpamEngine, VisionEngine

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from agvas_train.modeling.agmd import fuse_maps
-from agvas_train.modeling.agvas import AGVAS
+from agvas.train.modeling.agmd import fuse_maps
+from agvas.train.modeling.agvas import AGVAS
 
 # engine -> (input names, output names); the `llm` engine is built by export/llm.py.
 ENGINE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

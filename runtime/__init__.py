@@ -1,6 +1,6 @@
 """AG-VAS Edge runtime: the torch-free orchestrator over an export directory.
 
-``from runtime import Inspector`` (imported lazily, so ``import runtime`` stays cheap).
+``from agvas.runtime import Inspector`` (imported lazily, so ``import runtime`` stays cheap).
 """
 
 __all__ = ["Inspector", "Result"]

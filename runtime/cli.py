@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {insp.batch_retries} batched LLM pass(es) failed and were retried image by image "
               f"(summary.json run.batch_retries; see the log)", file=sys.stderr)
     if metrics:
-        from agvas_train.metrics import markdown_table
+        from agvas.train.metrics import markdown_table
 
         print(markdown_table(metrics, "ground truth (this run)"))
     return 1 if c["failed"] else 0

@@ -1,5 +1,5 @@
-"""Helpers shared by the `agvas inspect` drivers: batch (``runtime.cli``), Ray
-(``runtime.ray_inspect``) and watch (``runtime.watch``). They import this module, never each
+"""Helpers shared by the `agvas inspect` drivers: batch (``agvas.runtime.cli``), Ray
+(``agvas.runtime.ray_inspect``) and watch (``agvas.runtime.watch``). They import this module, never each
 other. Torch-free (``GroundTruth`` imports ``agvas_train`` only when a meta.json is inspected).
 """
 
@@ -25,15 +25,15 @@ def gt_label(item) -> dict:
 
 
 class GroundTruth:
-    """Metrics against a meta.json's ground truth (``agvas_train.metrics``) for the images
+    """Metrics against a meta.json's ground truth (``agvas.train.metrics``) for the images
     inspected in this run, and the per-image mask IoU for results.jsonl."""
 
     def __init__(self) -> None:
         self.stats: dict = {}
 
     def add(self, item, res) -> dict:
-        from agvas_train.data.meta import Record, load_mask
-        from agvas_train.metrics import CategoryStats, iou
+        from agvas.train.data.meta import Record, load_mask
+        from agvas.train.metrics import CategoryStats, iou
 
         fields = gt_label(item)
         if item.anomaly and not item.gt_mask:
@@ -49,7 +49,7 @@ class GroundTruth:
         return {**fields, "iou": round(iou(res.mask, gt), 6)}
 
     def result(self) -> dict | None:
-        from agvas_train.metrics import summarize
+        from agvas.train.metrics import summarize
 
         return summarize({c: s.compute() for c, s in self.stats.items()}) if self.stats else None
 

@@ -19,7 +19,7 @@ def pick_engines(out: Path) -> Path | None:
 
 
 def step_inspect(d) -> None:
-    """The demo step (``d`` is ``agvas_train.demo.Demo``)."""
+    """The demo step (``d`` is ``agvas.train.demo.Demo``)."""
     from agvas.cli import main
 
     engines = pick_engines(d.out)

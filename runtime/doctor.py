@@ -179,7 +179,7 @@ def _gpu() -> list[dict[str, str]]:
 
 def engine_plan(engines_dir: str, findings: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
     """For each provider choice, where each engine of the export would run, or why it cannot."""
-    from export.manifest import load_manifest
+    from agvas.export.manifest import load_manifest
 
     from .engines import NATIVE_TRT_ENGINES, PROVIDERS
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.manifest import Manifest, ManifestError
+from agvas.export.manifest import Manifest, ManifestError
 
 PROVIDERS = ("cpu", "cuda", "tensorrt", "tensorrt-native")
 NATIVE_TRT_ENGINES = ("vision", "sam_encoder", "spam", "agmd")
@@ -86,7 +86,7 @@ def ort_providers(provider: str, engine: str, manifest: Manifest, calib_dir: str
     cuda = ("CUDAExecutionProvider", dict((gpu.get("cuda_ep") or {}).get("options") or {}))
     if not use_trt:
         return [cuda, "CPUExecutionProvider"]
-    from export.tensorrt import EP_TABLE, calibrate_hint, engine_mode
+    from agvas.export.tensorrt import EP_TABLE, calibrate_hint, engine_mode
 
     opts = {**(trt.get("options") or {}), **((trt.get("per_engine") or {}).get(engine) or {})}
     cache = (manifest.root / opts.get("trt_engine_cache_path", "trt_cache")).resolve()

@@ -68,7 +68,7 @@ def _list_file(path: Path) -> list[Item]:
 
 
 def _meta_file(path: Path) -> list[Item]:
-    from agvas_train.data.meta import read_meta
+    from agvas.train.data.meta import read_meta
 
     return [Item(str(r.image), category=r.category, anomaly=r.anomaly, gt_mask=str(r.mask) if r.mask else None)
             for r in read_meta(path, "test", require_masks=False)]

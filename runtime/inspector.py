@@ -2,7 +2,7 @@
 
 Stages per image (DESIGN §4)::
 
-    load + preprocess  (agvas.imageio, runtime.preprocess)       "preprocess"
+    load + preprocess  (agvas.imageio, agvas.runtime.preprocess)       "preprocess"
     vision engine + anyres packing                               "vision"
     sam_encoder engine                                           "sam_encoder"
     spam engine -> visual tokens concat(f_s, f_align)            "spam"
@@ -15,7 +15,7 @@ Stages per image (DESIGN §4)::
 sam_encoder + spam), ``llm`` (prefill + decode), ``decode_mask`` (agmd + postprocess) and
 ``total`` (the sum of the stages). In a batched prefill each image is charged its share.
 
-``Result`` carries the attribute names of ``agvas_train.reference.ReferenceResult`` so that
+``Result`` carries the attribute names of ``agvas.train.reference.ReferenceResult`` so that
 evaluation code takes either.
 """
 
@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from agvas.imageio import DEFAULT_MAX_PIXELS, load_image
-from export.manifest import Manifest, load_manifest
+from agvas.export.manifest import Manifest, load_manifest
 
 from .engines import Engines
 from .generate import Generation, forced_answer, greedy

@@ -17,7 +17,7 @@ and removes temp files a killed run left behind (results.jsonl is rewritten only
 torn or incomplete line). At the end results.jsonl is rewritten atomically in input order and the
 csv/summary/report are (re)built from it.
 
-``agvas inspect --watch`` (``runtime.watch``) never rewrites results.jsonl while it runs (a line
+``agvas inspect --watch`` (``agvas.runtime.watch``) never rewrites results.jsonl while it runs (a line
 system may be tailing it): ``live_csv`` appends each line's csv row too, and the csv, summary and
 report are rebuilt with :meth:`OutputDir.write_reports` on a period and at exit.
 """

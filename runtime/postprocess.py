@@ -1,7 +1,7 @@
 """Low-res maps -> maps at the original size, mask, verdict, area (numpy).
 
 The `agmd` engine already fuses ``P = α·P_seg + (1-α)·P_ano`` in-graph; here the maps are
-brought to the original image size exactly as ``agvas_train.modeling.agmd.postprocess_map``
+brought to the original image size exactly as ``agvas.train.modeling.agmd.postprocess_map``
 (SAM's ``postprocess_masks``: bilinear to the padded encoder input, crop the padding, bilinear
 to the original size) and thresholded.
 """

@@ -1,7 +1,7 @@
 """Prompt assembly with the `tokenizers` library (no transformers): the manifest's chat format,
 the mode's instruction, the image placeholder expanded to the 2N visual positions.
 
-Token ids equal ``agvas_train.reference.prompt_ids`` (same text, same tokenizer.json).
+Token ids equal ``agvas.train.reference.prompt_ids`` (same text, same tokenizer.json).
 """
 
 from __future__ import annotations

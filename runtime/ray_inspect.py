@@ -14,9 +14,9 @@ The job is one streaming Ray Data pipeline::
                                     else ``--ray-cpus-per-actor`` CPUs and ``--threads`` ORT threads;
                                     inside a Ray batch, as in ``agvas inspect --batch N``, up to N
                                     equal-size images share a prefill (N > 1 also encodes ahead)
-    driver                          writes each result with ``runtime.outputs.OutputDir`` as it
+    driver                          writes each result with ``agvas.runtime.outputs.OutputDir`` as it
                                     arrives (mask, overlay, then its results.jsonl line), and at the
-                                    end the csv, summary.json and report.html of ``runtime.report``
+                                    end the csv, summary.json and report.html of ``agvas.runtime.report``
 
 Images are listed on the driver rather than by ``ray.data.read_binary_files`` so that every
 input has its output name and resume state before the job starts, and so that a missing or
@@ -109,7 +109,7 @@ def list_uri(uri: str) -> list[str]:
 
 
 def expand(args: list[str], out_dir: str) -> list:
-    """``runtime.inputs.expand_inputs`` for local inputs, plus URIs listed with ``pyarrow.fs``."""
+    """``agvas.runtime.inputs.expand_inputs`` for local inputs, plus URIs listed with ``pyarrow.fs``."""
     from .inputs import Item, expand_inputs, name_items
 
     uris = [a for a in args if is_uri(a)]
@@ -241,7 +241,7 @@ def _pool(args, resources: dict) -> tuple[int, float, float, int]:
 
 def run(args: argparse.Namespace) -> int:
     """``agvas inspect --ray``: validated arguments of ``runtime/cli.py`` -> exit code."""
-    from export.manifest import load_manifest
+    from agvas.export.manifest import load_manifest
 
     from .common import GroundTruth, engine_files
     from .outputs import OutputDir
@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  actor {a['actor']} (node {a['node']}, pid {','.join(map(str, a['pids']))}"
               f"{', restarted' if a['restarted'] else ''}): {a['images']} images, {a['images_per_s']} images/s busy")
     if summary["metrics"]:
-        from agvas_train.metrics import markdown_table
+        from agvas.train.metrics import markdown_table
 
         print(markdown_table(summary["metrics"], "ground truth (this run)"))
     return 1 if c["failed"] else 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from benchmarks.stats import summarize
+from agvas.benchmarks.stats import summarize
 
 from .inspector import AGGREGATES, STAGES
 

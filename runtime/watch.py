@@ -19,7 +19,7 @@ What it does, in order:
    summary and report and exits 0 (a second SIGINT aborts at once, exit 130).
 
 When an image is taken
-    Only files with an image extension (``runtime.inputs.IMAGE_EXTS``) are candidates; hidden
+    Only files with an image extension (``agvas.runtime.inputs.IMAGE_EXTS``) are candidates; hidden
     names and folders (``.*``) and temporary names (``*.tmp``, ``*.part``, ``*.partial``,
     ``*.filepart``, ``*.crdownload``, ``*.swp``, ``*~``, ``~*``) are ignored, so a writer that
     writes under a temporary name and renames is picked up at the rename. A file is taken once
@@ -286,7 +286,7 @@ class _Stop:
 
 
 def _percentiles(vals: list[float]) -> dict:
-    from benchmarks.stats import summarize
+    from agvas.benchmarks.stats import summarize
 
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in summarize(vals).items()}
 

@@ -23,8 +23,8 @@ def random_image(seed: int, w: int, h: int) -> Image.Image:
 
 @pytest.fixture(scope="session")
 def tiny_parts():
-    from agvas_train.config import tiny
-    from agvas_train.modeling import build_model, image_processor_for
+    from agvas.train.config import tiny
+    from agvas.train.modeling import build_model, image_processor_for
 
     cfg = tiny()
     model, tok = build_model(cfg)
@@ -40,7 +40,7 @@ def trained_tiny_checkpoint(tmp_path_factory):
     env = os.environ.get("AGVAS_TEST_CHECKPOINT")
     if env:
         return Path(env)
-    from agvas_train.train import CHECKPOINT, quick_train_tiny
+    from agvas.train.train import CHECKPOINT, quick_train_tiny
 
     out = tmp_path_factory.mktemp("trained_tiny")
     quick_train_tiny(out)
@@ -51,8 +51,8 @@ def trained_tiny_checkpoint(tmp_path_factory):
 def trained_tiny(trained_tiny_checkpoint):
     """``(model, tokenizer, image_processor)`` of that checkpoint: answers "Sure, it is
     [NOR][ANO][SEG]." in direct mode with decisive maps. Anomalous test images:
-    ``agvas_train.data.synthetic.make_sample(cat, kind, seed, i)`` (see ``train.QUICK_SPEC``)."""
-    from agvas_train.checkpoint import load_checkpoint
+    ``agvas.train.data.synthetic.make_sample(cat, kind, seed, i)`` (see ``train.QUICK_SPEC``)."""
+    from agvas.train.checkpoint import load_checkpoint
 
     model, tok, proc, _ = load_checkpoint(trained_tiny_checkpoint)
     return model, tok, proc
@@ -61,10 +61,10 @@ def trained_tiny(trained_tiny_checkpoint):
 @pytest.fixture(scope="session")
 def anchor_model():
     """A tiny model taught (text loss only) to answer the direct instruction with the anchors."""
-    from agvas_train.config import tiny
-    from agvas_train.modeling import build_model, image_processor_for
-    from agvas_train.reference import ReferencePipeline, prompt_ids
-    from agvas_train.templates import CANONICAL_DIRECT_ANSWER, canonical_instruction
+    from agvas.train.config import tiny
+    from agvas.train.modeling import build_model, image_processor_for
+    from agvas.train.reference import ReferencePipeline, prompt_ids
+    from agvas.train.templates import CANONICAL_DIRECT_ANSWER, canonical_instruction
 
     torch.manual_seed(0)
     cfg = tiny()
@@ -97,7 +97,7 @@ def anchor_model():
 def tiny_export_dir(trained_tiny_checkpoint, tmp_path_factory):
     """An fp32 export (target tensorrt: with build_engines.sh) of the trained tiny checkpoint,
     shared read-only by the test modules that only read an export."""
-    from export.exporter import export_checkpoint
+    from agvas.export.exporter import export_checkpoint
 
     out = tmp_path_factory.mktemp("shared_export") / "exp"
     export_checkpoint(trained_tiny_checkpoint, out, target="tensorrt")

@@ -139,7 +139,7 @@ def test_load_image_errors_name_the_file(tmp_path):
 
 
 def test_extreme_aspect_ratio_is_a_clear_error(tiny_export):  # noqa: F811
-    from runtime import Inspector
+    from agvas.runtime import Inspector
 
     with pytest.raises(ValueError, match="aspect ratio too extreme"):
         Inspector(tiny_export, threads=1).inspect(Image.new("RGB", (4000, 8), (90, 90, 90)))

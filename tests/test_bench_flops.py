@@ -1,5 +1,5 @@
-"""benchmarks.flops against hand counts and against torch's FLOP counter on the real tiny modules;
-benchmarks.devices against its published anchors (a model, not a measurement)."""
+"""agvas.benchmarks.flops against hand counts and against torch's FLOP counter on the real tiny modules;
+agvas.benchmarks.devices against its published anchors (a model, not a measurement)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from agvas_train.config import PixelEncoderConfig, get_config, tiny
-from benchmarks import flops as F
+from agvas.train.config import PixelEncoderConfig, get_config, tiny
+from agvas.benchmarks import flops as F
 
 
 def _small_cfg():
@@ -60,7 +60,7 @@ def test_sam_flops_hand_count_windowed_vs_global():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from agvas_train.modeling import build_model
+    from agvas.train.modeling import build_model
 
     model, _ = build_model(tiny())
     return model
@@ -87,8 +87,8 @@ def test_flops_match_torch_flop_counter_on_tiny(tiny_model):
 
 
 def test_pipeline_flops_use_the_token_counts(tiny_model):
-    from calibration.memory_plan import token_counts
-    from agvas_train.modeling import build_model
+    from agvas.calibration.memory_plan import token_counts
+    from agvas.train.modeling import build_model
 
     meta, tok = build_model(tiny(), device="meta")
     tc = token_counts(meta, tok, (96, 160))
@@ -99,7 +99,7 @@ def test_pipeline_flops_use_the_token_counts(tiny_model):
 
 
 def test_device_model_is_labelled_and_checked_against_published_anchors():
-    from benchmarks import devices as D
+    from agvas.benchmarks import devices as D
 
     anchors = D.check_anchors()
     assert len(anchors) == 3

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.report import markdown, validate, write_all
+from agvas.benchmarks.report import markdown, validate, write_all
 
 
 def _record():

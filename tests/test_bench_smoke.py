@@ -29,7 +29,7 @@ def test_agvas_bench_tiny_smoke(tmp_path):
                     "--no-autocast", "--quantized", "int8")
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads(out.read_text())
-    from benchmarks.report import validate
+    from agvas.benchmarks.report import validate
 
     validate(rec)
     assert rec["setup"]["planted"]["ok"]  # the random tiny answers with the anchors
@@ -107,9 +107,9 @@ def test_agvas_bench_fails_and_names_a_backend_that_cannot_be_built(tmp_path):
 
 
 def test_agreement_pairs_by_image_and_refuses_a_candidate_compared_with_itself(tmp_path):
-    from benchmarks.backends import Output
-    from benchmarks.run import agreement
-    from benchmarks.worker import save_outputs
+    from agvas.benchmarks.backends import Output
+    from agvas.benchmarks.run import agreement
+    from agvas.benchmarks.worker import save_outputs
 
     full, diag = np.ones((4, 4), bool), np.eye(4, dtype=bool)
     outs = [Output(full, True, None, "a"), Output(diag, False, None, "b")]
@@ -129,7 +129,7 @@ def test_agreement_pairs_by_image_and_refuses_a_candidate_compared_with_itself(t
 
 
 def test_unavailable_is_a_skip_only_when_not_requested_by_name():
-    from benchmarks.run import BenchOptions, _fail, _unavailable
+    from agvas.benchmarks.run import BenchOptions, _fail, _unavailable
 
     def info():
         return {"skipped": {}, "failed": {}}

@@ -1,4 +1,4 @@
-"""benchmarks.stats: percentiles, summaries and the peak-RSS reading (no timings asserted)."""
+"""agvas.benchmarks.stats: percentiles, summaries and the peak-RSS reading (no timings asserted)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks.stats import e2e_summary, peak_rss_mb, percentile, summarize
+from agvas.benchmarks.stats import e2e_summary, peak_rss_mb, percentile, summarize
 
 
 def test_percentiles_interpolate_linearly_between_order_statistics():
@@ -40,7 +40,7 @@ def test_summarize_has_the_bench_stage_keys():
 def test_peak_rss_is_the_process_high_water_mark():
     code = (
         "import numpy as np\n"
-        "from benchmarks.stats import peak_rss_mb\n"
+        "from agvas.benchmarks.stats import peak_rss_mb\n"
         "before = peak_rss_mb()\n"
         "a = np.ones(300 * 2**20 // 8)\n"  # 300 MiB, touched
         "del a\n"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from calibration.gate import Budget, Outputs, anchor_cosine, compare, format_gate, mask_iou, snr_db
+from agvas.calibration.gate import Budget, Outputs, anchor_cosine, compare, format_gate, mask_iou, snr_db
 
 
 def _out(mask, states, text="Sure, it is [NOR][ANO][SEG]."):

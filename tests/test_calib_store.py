@@ -7,9 +7,9 @@ import copy
 import numpy as np
 import pytest
 
-from calibration.gate import Outputs
-from calibration.readers import StoreReader, truncate_prefill
-from calibration.store import CalibrationStore, StoreError, StoreWriter
+from agvas.calibration.gate import Outputs
+from agvas.calibration.readers import StoreReader, truncate_prefill
+from agvas.calibration.store import CalibrationStore, StoreError, StoreWriter
 
 
 def _llm_feeds(rng, s):

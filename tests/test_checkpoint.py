@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import random_image
 
-from agvas_train.checkpoint import load_checkpoint, save_checkpoint
-from agvas_train.config import tiny
-from agvas_train.modeling import build_model, image_processor_for
-from agvas_train.reference import ReferencePipeline
+from agvas.train.checkpoint import load_checkpoint, save_checkpoint
+from agvas.train.config import tiny
+from agvas.train.modeling import build_model, image_processor_for
+from agvas.train.reference import ReferencePipeline
 
 
 def test_round_trip_bit_exact(anchor_model, tmp_path):
@@ -34,7 +34,7 @@ def test_round_trip_bit_exact(anchor_model, tmp_path):
 
 def test_lora_checkpoint_saves_trainable_and_merges(tmp_path):
     """A LoRA checkpoint (base weights from a --llava dir) stores the trainable parts; merge matches."""
-    from agvas_train.lora import apply_lora, configure_trainable
+    from agvas.train.lora import apply_lora, configure_trainable
 
     cfg = tiny()
     cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout = 4, 8, 0.0

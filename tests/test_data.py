@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agvas_train.data import synthetic as syn
-from agvas_train.data.folder import list_images
-from agvas_train.data.instruct import colour_word, conversation, describe, mask_geometry
-from agvas_train.data.meta import Record, load_mask, meta_from_mvtec, read_meta, write_meta
-from agvas_train.templates import ANCHOR_PHRASE, DIRECT_ANSWERS, MODES
+from agvas.train.data import synthetic as syn
+from agvas.train.data.folder import list_images
+from agvas.train.data.instruct import colour_word, conversation, describe, mask_geometry
+from agvas.train.data.meta import Record, load_mask, meta_from_mvtec, read_meta, write_meta
+from agvas.train.templates import ANCHOR_PHRASE, DIRECT_ANSWERS, MODES
 
 # ---- synthetic generator --------------------------------------------------------------------
 
@@ -232,7 +232,7 @@ def test_folder_and_glob(tmp_path):
 
 
 def test_general_and_vqa_sources(tmp_path):
-    from agvas_train.data.sources import SEG_NONE, SEG_ONLY, GeneralSegSource, VQASource
+    from agvas.train.data.sources import SEG_NONE, SEG_ONLY, GeneralSegSource, VQASource
 
     Image.new("RGB", (16, 12), (9, 9, 9)).save(tmp_path / "img.png")
     m = np.zeros((12, 16), np.uint8)
@@ -255,8 +255,8 @@ def test_general_and_vqa_sources(tmp_path):
 
 
 def test_mixture_is_a_function_of_seed_and_index(tmp_path):
-    from agvas_train.data.mixture import Mixture
-    from agvas_train.data.sources import AnomalySource
+    from agvas.train.data.mixture import Mixture
+    from agvas.train.data.sources import AnomalySource
 
     spec = syn.SyntheticSpec(size=64, n_per_category=4, n_test_per_category=2, n_train_good=0,
                              train_categories=("stripes",), test_categories=("fabric",))
@@ -273,7 +273,7 @@ def test_mixture_is_a_function_of_seed_and_index(tmp_path):
 
 
 def test_augment_moves_image_and_mask_together():
-    from agvas_train.data.sources import augment
+    from agvas.train.data.sources import augment
 
     arr = np.zeros((9, 7, 3), np.uint8)
     arr[1, 5] = 255

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agvas_train.demo import STEPS
+from agvas.train.demo import STEPS
 
 MTD = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "mtd"
 

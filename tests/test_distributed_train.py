@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from agvas.cli import main
-from agvas_train.data.synthetic import SyntheticSpec, write_dataset
-from agvas_train.train import CHECKPOINT, LOG, MicroBatches, TrainOptions
+from agvas.train.data.synthetic import SyntheticSpec, write_dataset
+from agvas.train.train import CHECKPOINT, LOG, MicroBatches, TrainOptions
 
 AGVAS = str(Path(sys.executable).with_name("agvas"))
 COMMON = ["--warmup", "1", "--lr", "1e-3", "--workers", "1", "--no-progress", "--no-tensorboard", "--threads", "1"]
@@ -36,8 +36,8 @@ def meta(tmp_path_factory):
 def real_layout(tmp_path_factory):
     """Tiny-dimension weights in the real on-disk formats: a LLaVA-OneVision directory saved in
     float16 (as llava-hf publishes them) and a SAM file in the official sam_vit_*.pth layout."""
-    from agvas_train.config import tiny
-    from agvas_train.modeling import build_model, image_processor_for
+    from agvas.train.config import tiny
+    from agvas.train.modeling import build_model, image_processor_for
 
     out = tmp_path_factory.mktemp("real")
     cfg = tiny()
@@ -107,19 +107,19 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(meta, tmp_pat
 
 
 def _params_at_init() -> dict[str, torch.Tensor]:
-    from agvas_train.config import tiny
-    from agvas_train.train import build_trainable
+    from agvas.train.config import tiny
+    from agvas.train.train import build_trainable
 
     model = build_trainable(tiny())[0]
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def test_fp16_saved_llava_trains_in_bf16_with_fp32_masters(meta, real_layout, tmp_path):
-    from agvas_train.checkpoint import read_meta
-    from agvas_train.config import get_config
-    from agvas_train.data.mixture import Mixture
-    from agvas_train.data.sources import AnomalySource
-    from agvas_train.train import Trainer, build_trainable
+    from agvas.train.checkpoint import read_meta
+    from agvas.train.config import get_config
+    from agvas.train.data.mixture import Mixture
+    from agvas.train.data.sources import AnomalySource
+    from agvas.train.train import Trainer, build_trainable
 
     llava, sam = real_layout
     assert json.loads((llava / "config.json").read_text())["dtype"] == "float16"
@@ -211,7 +211,7 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(meta, tmp_path):
 @pytest.mark.slow
 def test_the_prepared_gpu_check_runs_in_smoke_mode(tmp_path):
     """benchmarks/gpu_train_check.py is what a lent GPU runs; --smoke runs its code on tiny dims."""
-    from benchmarks.gpu_train_check import main as check
+    from agvas.benchmarks.gpu_train_check import main as check
 
     assert check(["--smoke", "--out", str(tmp_path), "--steps-05b", "2", "--steps-7b", "2"]) == 0
     got = json.loads((tmp_path / "gpu_train_check.json").read_text())

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agvas_train.data.meta import load_mask, read_meta
-from agvas_train.data.synthetic import SyntheticSpec, write_dataset
-from agvas_train.evaluate import EmptyPredictor, Prediction, as_predictor, evaluate, evaluate_meta
-from agvas_train.metrics import Protocol
+from agvas.train.data.meta import load_mask, read_meta
+from agvas.train.data.synthetic import SyntheticSpec, write_dataset
+from agvas.train.evaluate import EmptyPredictor, Prediction, as_predictor, evaluate, evaluate_meta
+from agvas.train.metrics import Protocol
 
 MTD_META = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "mtd" / "meta.json"
 

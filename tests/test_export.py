@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from agvas_train.checkpoint import checkpoint_hash, load_checkpoint
-from export.manifest import ManifestError, load_manifest
+from agvas.train.checkpoint import checkpoint_hash, load_checkpoint
+from agvas.export.manifest import ManifestError, load_manifest
 
 TOL = 1e-4  # fp32 max abs difference, every engine
 
@@ -29,7 +29,7 @@ def _session(path):
 def tiny_export(trained_tiny_checkpoint, tmp_path_factory):
     """The trained tiny checkpoint (answers with the anchors, decisive maps) and its fp32 export
     (target tensorrt)."""
-    from export.exporter import export_checkpoint
+    from agvas.export.exporter import export_checkpoint
 
     ckpt = trained_tiny_checkpoint
     out = tmp_path_factory.mktemp("export") / "exp"
@@ -128,7 +128,7 @@ def test_llm_graph_is_fused_after_ort_optimisation(tiny_export, tmp_path):
 
 
 def test_graphs_pass_checker_and_shape_inference(tiny_export):
-    from export.graphs import check_graph
+    from agvas.export.graphs import check_graph
 
     _, m, _, _, _ = tiny_export
     for name, e in m.engines.items():
@@ -223,8 +223,8 @@ def test_build_engines_dry_run_after_calibrate(tiny_export, tmp_path):
     from PIL import Image
 
     from agvas.cli import main
-    from agvas_train.data.synthetic import make_sample
-    from agvas_train.train import QUICK_SPEC
+    from agvas.train.data.synthetic import make_sample
+    from agvas.train.train import QUICK_SPEC
 
     _, m, _, _, _ = tiny_export
     for major in ("8", "10"):
@@ -255,7 +255,7 @@ def test_build_engines_dry_run_after_calibrate(tiny_export, tmp_path):
     assert (cal / "tensorrt" / "sam_encoder" / "calibration.flatbuffers").is_file()  # the TensorRT EP's table
     assert not (cal / "tensorrt" / "sam_encoder" / "calibration.cache").exists()  # ORT's text table: no reader
     # the Python builder's dry run is the same; it also reads the samples of CAL
-    py = subprocess.run([sys.executable, "-m", "export.tensorrt", str(m.root), "--int8", "--calib-dir", str(cal),
+    py = subprocess.run([sys.executable, "-m", "agvas.export.tensorrt", str(m.root), "--int8", "--calib-dir", str(cal),
                          "--dry-run", "--trt-major", "8"], capture_output=True, text=True)
     assert py.returncode == 0, py.stderr
     assert py.stdout == _dry_run(m.root, "--int8", "--calib-dir", str(cal), "--trt-major", "8")[1]
@@ -263,8 +263,8 @@ def test_build_engines_dry_run_after_calibrate(tiny_export, tmp_path):
 
 def test_ov_profiles_match_hf_token_counts():
     """The anyres bounds of the TensorRT profiles at ov-0.5b dims (7,371 tokens for a 1024² image)."""
-    from agvas_train.config import get_config
-    from export.tensorrt import axis_ranges
+    from agvas.train.config import get_config
+    from agvas.export.tensorrt import axis_ranges
 
     data = {"config": get_config("ov-0.5b").to_dict()}
     r = axis_ranges(data, max_batch=8)
@@ -274,9 +274,9 @@ def test_ov_profiles_match_hf_token_counts():
 
 
 def test_external_data_above_threshold(tiny_export, tmp_path):
-    from export.graphs import check_graph
-    from export.manifest import onnx_entry
-    from export.vision import export_graph
+    from agvas.export.graphs import check_graph
+    from agvas.export.manifest import onnx_entry
+    from agvas.export.vision import export_graph
 
     _, m, model, _, _ = tiny_export
     # below the default threshold the tiny graphs are single files
@@ -305,8 +305,8 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_tensorrt_builder_and_runner_need_tensorrt(tiny_export):
     pytest.importorskip("tensorrt", reason="TensorRT is not installable on this machine (no GPU; PyPI wheels are stubs)")
-    from export.tensorrt import build_engines
-    from runtime.trt_engine import TRTEngine
+    from agvas.export.tensorrt import build_engines
+    from agvas.runtime.trt_engine import TRTEngine
 
     _, m, model, _, _ = tiny_export
     plans = build_engines(m.root, ("agmd",))
@@ -331,10 +331,10 @@ class OrtChain:
     def __call__(self, image):
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-        from agvas_train.modeling.agmd import postprocess_map
-        from agvas_train.preprocess import prepare_image
-        from agvas_train.reference import prompt_ids
-        from agvas_train.templates import canonical_instruction
+        from agvas.train.modeling.agmd import postprocess_map
+        from agvas.train.preprocess import prepare_image
+        from agvas.train.reference import prompt_ids
+        from agvas.train.templates import canonical_instruction
 
         m, model, cfg = self.m, self.model, self.model.cfg
         prep = prepare_image(image, cfg, self.proc)
@@ -382,8 +382,8 @@ def _test_images(n: int = 20):
     rest with a defect; square and non-square sizes."""
     from PIL import Image
 
-    from agvas_train.data.synthetic import make_sample
-    from agvas_train.train import QUICK_SPEC
+    from agvas.train.data.synthetic import make_sample
+    from agvas.train.train import QUICK_SPEC
 
     cats = list(QUICK_SPEC["train_categories"]) + list(QUICK_SPEC["test_categories"])
     defects = list(QUICK_SPEC["train_defects"]) + list(QUICK_SPEC["test_defects"])
@@ -395,7 +395,7 @@ def _test_images(n: int = 20):
 
 @pytest.mark.slow
 def test_engines_chain_matches_reference(tiny_export):
-    from agvas_train.reference import ReferencePipeline
+    from agvas.train.reference import ReferencePipeline
 
     _, m, model, tok, proc = tiny_export
     chain, ref = OrtChain(m, model, tok, proc), ReferencePipeline(model, tok, proc)
@@ -429,7 +429,7 @@ def test_fp16_export(tiny_export, tmp_path):
     """--precision fp16: fp16 weights with float32 IO for the torch-exported graphs (norms and
     softmax kept fp32), the builder's fp16 llm (CUDA graph; its fp16 IO dtypes in the manifest).
     ORT CPU runs them, so closeness is checked here too (fp16 tolerance)."""
-    from export.exporter import export_checkpoint
+    from agvas.export.exporter import export_checkpoint
 
     ckpt, _, model, _, _ = tiny_export
     export_checkpoint(ckpt, tmp_path / "fp16", precision="fp16", vision_tokens="base")

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.manifest import (
+from agvas.export.manifest import (
     ENGINE_NAMES,
     ManifestError,
     array_entry,
@@ -144,5 +144,5 @@ def test_schema_errors(tmp_path):
 
 
 def test_import_is_torch_free():
-    code = "import sys, export.manifest; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
+    code = "import sys, agvas.export.manifest; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.memory_plan import (ENGINES, PRECISIONS, engine_weights, format_plan, kv_cache_bytes, memory_plan,
+from agvas.calibration.memory_plan import (ENGINES, PRECISIONS, engine_weights, format_plan, kv_cache_bytes, memory_plan,
                                      token_counts)
 
 
@@ -36,8 +36,8 @@ def test_engine_weights_match_parameter_counts(name):
 def test_int8_int4_bytes_by_hand():
     """ov-0.5b LLM: every Linear of the decoder by hand (int8: 1 B + fp32 scale + int8 zp per
     output channel; int4 block 32: 16 B data + 4 B scale + ½ B zero point per block)."""
-    from agvas_train.config import get_config
-    from agvas_train.modeling import build_model
+    from agvas.train.config import get_config
+    from agvas.train.modeling import build_model
 
     model, _ = build_model(get_config("ov-0.5b"), device="meta")
     llm = engine_weights(model)["llm"]
@@ -55,9 +55,9 @@ def test_int8_int4_bytes_by_hand():
 
 
 def test_token_counts_match_hf_rules_and_the_model(tiny_parts):
-    from agvas_train.config import get_config
-    from agvas_train.modeling import build_model
-    from agvas_train.preprocess import prepare_image
+    from agvas.train.config import get_config
+    from agvas.train.modeling import build_model
+    from agvas.train.preprocess import prepare_image
     from conftest import random_image
 
     model, tok = build_model(get_config("ov-0.5b"), device="meta")
@@ -77,7 +77,7 @@ def test_token_counts_match_hf_rules_and_the_model(tiny_parts):
 
 
 def test_kv_bytes_and_device_fit():
-    from agvas_train.config import get_config
+    from agvas.train.config import get_config
 
     cfg = get_config("ov-0.5b")
     assert kv_cache_bytes(cfg, 3000, 4) == 2 * 24 * 2 * 64 * 3000 * 4

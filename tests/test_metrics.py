@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agvas_train.metrics import CategoryStats, Protocol, f1_max, iou, markdown_table, summarize
+from agvas.train.metrics import CategoryStats, Protocol, f1_max, iou, markdown_table, summarize
 
 RAW = Protocol(resize=None, sigma=0.0)
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import random_image
 
-from agvas_train.config import CONFIGS, get_config
-from agvas_train.modeling import anchor_state_positions, build_model, count_parameters, gather_anchor_states
-from agvas_train.modeling.agmd import fuse_maps, postprocess_map
-from agvas_train.reference import ReferencePipeline, prompt_ids, prompt_text
-from agvas_train.templates import canonical_instruction
+from agvas.train.config import CONFIGS, get_config
+from agvas.train.modeling import anchor_state_positions, build_model, count_parameters, gather_anchor_states
+from agvas.train.modeling.agmd import fuse_maps, postprocess_map
+from agvas.train.reference import ReferencePipeline, prompt_ids, prompt_text
+from agvas.train.templates import canonical_instruction
 
 
 def test_anchor_convention_generation_equals_teacher_forcing(anchor_model):
@@ -126,7 +126,7 @@ def test_anchor_tokens_are_single_special_tokens(tiny_parts):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_configs_build_on_meta_and_round_trip(name):
-    from agvas_train.config import AGVASConfig
+    from agvas.train.config import AGVASConfig
 
     cfg = get_config(name)
     assert AGVASConfig.from_dict(cfg.to_dict()) == cfg
@@ -140,7 +140,7 @@ def test_configs_build_on_meta_and_round_trip(name):
 
 
 def test_unknown_config_and_fields():
-    from agvas_train.config import AGVASConfig
+    from agvas.train.config import AGVASConfig
 
     with pytest.raises(ValueError, match="unknown config 'nope'"):
         get_config("nope")
@@ -152,7 +152,7 @@ def test_unknown_config_and_fields():
 
 def test_trainable_sets_real_config():
     """ov-0.5b: LoRA on the LLM only; SAM encoder, SigLIP, projector, LLM base frozen."""
-    from agvas_train.lora import apply_lora, configure_trainable
+    from agvas.train.lora import apply_lora, configure_trainable
 
     cfg = get_config("ov-0.5b")
     cfg.llava["text_config"]["num_hidden_layers"] = 2  # same classes, fewer layers: fast
@@ -177,7 +177,7 @@ def test_trainable_sets_real_config():
 
 
 def test_tiny_trains_everything(tiny_parts):
-    from agvas_train.lora import configure_trainable
+    from agvas.train.lora import configure_trainable
 
     model, _, _ = tiny_parts
     configure_trainable(model)

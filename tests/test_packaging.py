@@ -57,3 +57,40 @@ def test_gpu_extras_resolve_without_cpu_onnxruntime(extra):
         assert cuda
     else:
         assert "onnxruntime-gpu" not in names  # NVIDIA's Jetson wheel is installed first, never replaced
+
+
+def test_installed_wheel_exposes_one_namespace(tmp_path):
+    """The wheel in a fresh virtual environment: only `agvas` (and its dist-info) in site-packages,
+    the repository's folders mapped under it (agvas.export, agvas.runtime, ...), the `agvas`
+    script, and no top-level `export` / `runtime` / `calibration` / `benchmarks` / `agvas_train`."""
+    import venv
+
+    wheels = tmp_path / "wheels"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(wheels), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = next(wheels.glob("agvas_edge-*.whl"))
+    env = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env)
+    py = env / "bin" / "python"
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    ours = {p.name for p in site.iterdir()} - {"pip", "_distutils_hack", "setuptools", "pkg_resources",
+                                               "distutils-precedence.pth", "__pycache__"}
+    ours = {n for n in ours if not n.startswith(("pip-", "setuptools-"))}
+    assert {n for n in ours if not n.endswith(".dist-info")} == {"agvas"}, ours
+    for sub in ("train", "train/modeling", "train/data", "export", "runtime", "calibration", "benchmarks"):
+        assert (site / "agvas" / sub / "__init__.py").is_file(), sub
+    assert (site / "agvas" / "train" / "assets" / "tiny_tokenizer").is_dir()  # package data travels
+    probe = ("import importlib.util as u; "
+             "print([n for n in ('export', 'runtime', 'calibration', 'benchmarks', 'agvas_train') if u.find_spec(n)]); "
+             "print(u.find_spec('agvas.export.manifest').origin)")
+    r = subprocess.run([str(py), "-I", "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    found, origin = r.stdout.splitlines()
+    assert found == "[]" and origin.startswith(str(site))
+    r = subprocess.run([str(env / "bin" / "agvas"), "--version"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("agvas "), r.stdout + r.stderr

@@ -35,7 +35,7 @@ def _big_graph(path):
 
 @pytest.mark.slow
 def test_fp16_conversion_of_a_graph_over_2gb(tmp_path):
-    from export.precision import convert_fp16
+    from agvas.export.precision import convert_fp16
 
     path = tmp_path / "big.onnx"
     _big_graph(path)

@@ -10,13 +10,13 @@ import torch
 from conftest import random_image
 from PIL import Image
 
-from agvas_train.config import tiny
-from agvas_train.modeling.agmd import postprocess_map
-from agvas_train.preprocess import sam_preprocess
-from runtime.interpolate import resize_bilinear
-from runtime.packing import pack_features
-from runtime.postprocess import decide, upsample_maps
-from runtime.preprocess import SamParams, SiglipParams, sam_input, select_best_resolution, siglip_crops
+from agvas.train.config import tiny
+from agvas.train.modeling.agmd import postprocess_map
+from agvas.train.preprocess import sam_preprocess
+from agvas.runtime.interpolate import resize_bilinear
+from agvas.runtime.packing import pack_features
+from agvas.runtime.postprocess import decide, upsample_maps
+from agvas.runtime.preprocess import SamParams, SiglipParams, sam_input, select_best_resolution, siglip_crops
 
 SIZES = [(64, 64), (80, 96), (96, 80), (37, 200), (200, 37), (131, 67), (8, 9), (300, 299)]
 

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 
 from agvas.cli import main
-from calibration.gate import Budget, snr_db
-from calibration.store import CalibrationStore
+from agvas.calibration.gate import Budget, snr_db
+from agvas.calibration.store import CalibrationStore
 
 N_CAL, N_HELD = 6, 3
 
@@ -25,9 +25,9 @@ def calibrated(trained_tiny_checkpoint, tmp_path_factory):
     the CLI; images: synthetic parts of its training categories, every other one with a defect."""
     from PIL import Image
 
-    from agvas_train.data.synthetic import make_sample
-    from agvas_train.train import QUICK_SPEC
-    from export.exporter import export_checkpoint
+    from agvas.train.data.synthetic import make_sample
+    from agvas.train.train import QUICK_SPEC
+    from agvas.export.exporter import export_checkpoint
 
     root = tmp_path_factory.mktemp("quant")
     export_checkpoint(trained_tiny_checkpoint, root / "exp")
@@ -65,8 +65,8 @@ def test_capture_stores_every_engine_input_and_the_references(calibrated):
     f = next(store.samples("llm"))
     assert f["attention_mask"].shape == (1, lens[0]) and f["past_key_values.0.key"].shape[2] == 0
     # SAM input as the runtime preprocesses it (float16 storage)
-    from runtime.preprocess import SamParams, sam_input
-    from export.manifest import load_manifest
+    from agvas.runtime.preprocess import SamParams, sam_input
+    from agvas.export.manifest import load_manifest
 
     from agvas.imageio import load_image
 
@@ -84,10 +84,10 @@ def test_capture_stores_every_engine_input_and_the_references(calibrated):
                                         ("llm", "int8"), ("llm", "fp16"), ("sam_encoder", "int8-static"),
                                         ("vision", "int8"), ("spam", "fp16")])
 def test_quantized_engines_run_in_ort_cpu(calibrated, tmp_path, engine, fmt):
-    from calibration import quantize as q
-    from calibration.quantized_export import PRIMARY_OUTPUT, _feeds_for
-    from calibration.readers import StoreReader
-    from export.manifest import load_manifest
+    from agvas.calibration import quantize as q
+    from agvas.calibration.quantized_export import PRIMARY_OUTPUT, _feeds_for
+    from agvas.calibration.readers import StoreReader
+    from agvas.export.manifest import load_manifest
 
     exp, cal, _ = calibrated
     src = load_manifest(exp).engine_path(engine)
@@ -124,9 +124,9 @@ def test_gpu_fp16_llm_keeps_its_kv_cache_fp16(calibrated, tmp_path):
     """`quantize --target cuda|tensorrt --llm fp16`: the llm graph gets fp16 IO, so the present KV
     is bound as the next step's past as is (no cast per decode step) — and the runtime's LLM
     wrapper runs it (prefill + one decode step) close to the fp32 graph (ORT CPU runs fp16 GQA)."""
-    from calibration import quantize as q
-    from export.manifest import load_manifest
-    from runtime.engines import LLM, Engine, ort_providers
+    from agvas.calibration import quantize as q
+    from agvas.export.manifest import load_manifest
+    from agvas.runtime.engines import LLM, Engine, ort_providers
 
     exp, cal, _ = calibrated
     m = load_manifest(exp)
@@ -159,9 +159,9 @@ def test_gpu_fp16_llm_keeps_its_kv_cache_fp16(calibrated, tmp_path):
 
 def test_int4_bytes_match_the_memory_plan(calibrated, tmp_path):
     """The MatMulNBits tensors of the int4 llm equal the plan's int4 matrix bytes (decoder + LM head)."""
-    from calibration import quantize as q
-    from calibration.memory_plan import engine_weights
-    from export.manifest import load_manifest
+    from agvas.calibration import quantize as q
+    from agvas.calibration.memory_plan import engine_weights
+    from agvas.export.manifest import load_manifest
 
     exp, _, _ = calibrated
     m = load_manifest(exp)
@@ -170,8 +170,8 @@ def test_int4_bytes_match_the_memory_plan(calibrated, tmp_path):
     inits = {t.name: t for t in g.graph.initializer}
     got = sum(len(inits[i].raw_data) for n in g.graph.node if n.op_type == "MatMulNBits" for i in n.input[1:]
               if i in inits)
-    from agvas_train.config import AGVASConfig
-    from agvas_train.modeling import build_model
+    from agvas.train.config import AGVASConfig
+    from agvas.train.modeling import build_model
 
     cfg = AGVASConfig.from_dict(m.config)
     model, _ = build_model(cfg, device="meta")
@@ -181,8 +181,8 @@ def test_int4_bytes_match_the_memory_plan(calibrated, tmp_path):
 
 
 def test_gate_identical_engines_pass_and_a_damaged_engine_fails(calibrated, tmp_path):
-    from calibration.quantized_export import QuantOptions, evaluate
-    from export.manifest import load_manifest
+    from agvas.calibration.quantized_export import QuantOptions, evaluate
+    from agvas.export.manifest import load_manifest
 
     exp, cal, _ = calibrated
     store = CalibrationStore(cal)
@@ -206,8 +206,8 @@ def test_gate_identical_engines_pass_and_a_damaged_engine_fails(calibrated, tmp_
 
 
 def test_quantize_cli_writes_an_export_the_runtime_loads(calibrated, tmp_path, capsys):
-    from export.manifest import load_manifest
-    from runtime import Inspector
+    from agvas.export.manifest import load_manifest
+    from agvas.runtime import Inspector
 
     exp, cal, images = calibrated
     out = tmp_path / "q"
@@ -263,7 +263,7 @@ def test_auto_backs_off_when_the_budget_is_tight(calibrated, tmp_path, capsys):
     assert tight["accuracy_gate"]["passed"]
     # the default budget keeps the cheapest; through the function `agvas demo` calls, held-out
     # images from another source
-    from calibration.demo import calibrate_and_quantize
+    from agvas.calibration.demo import calibrate_and_quantize
 
     s = calibrate_and_quantize(exp, tmp_path / "demo", str(images / "part0[0-3].png"), str(images / "part0[4-8].png"),
                                n=4, held_out=3, progress=False, log=lambda *_: None)

@@ -45,8 +45,8 @@ def test_library_log_moves_root_chatter_to_a_file(tmp_path, capfd):
 
 
 def test_demo_quantize_step_is_quiet(tiny_export, tmp_path, capfd):  # noqa: F811
-    from agvas_train.data.synthetic import SyntheticSpec, write_dataset
-    from calibration.demo import LOG_FILE, step_quantize
+    from agvas.train.data.synthetic import SyntheticSpec, write_dataset
+    from agvas.calibration.demo import LOG_FILE, step_quantize
 
     out = tmp_path / "demo"
     data = out / "data"

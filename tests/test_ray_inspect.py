@@ -44,7 +44,7 @@ def ray_local():
 def images(tmp_path_factory) -> Path:
     """Synthetic defects (anomalous for the trained tiny model) and plain textures, a few sizes,
     plus one file that is not an image."""
-    from agvas_train.data.synthetic import make_sample
+    from agvas.train.data.synthetic import make_sample
 
     folder = tmp_path_factory.mktemp("ray_images")
     cats, defects = ("stripes", "tiles", "marble", "wood", "washer", "pill"), ("colour_spot", "hole", "stain")
@@ -190,7 +190,7 @@ def test_without_ray_the_flag_is_a_usage_error(tiny_export, images, tmp_path):  
 
 def test_uri_inputs_are_listed_and_read(images):
     pytest.importorskip("pyarrow", reason="pyarrow (with the ray extra) lists and reads URIs")
-    from runtime.ray_inspect import expand, read_image
+    from agvas.runtime.ray_inspect import expand, read_image
 
     uri = "file://" + str(images)
     items = expand([uri], str(images / "out"))

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agvas_train.data.sources import SEG_NONE, SEG_ONLY, SubDatasets
-from agvas_train.templates import ANCHOR_PHRASE
+from agvas.train.data.sources import SEG_NONE, SEG_ONLY, SubDatasets
+from agvas.train.templates import ANCHOR_PHRASE
 
 S = 32  # fixture images are S x S
 
@@ -104,7 +104,7 @@ def _write_refer(root: Path, name: str, split_by: str) -> dict:
 @pytest.mark.parametrize("name,split_by", [("refcoco", "unc"), ("refcoco+", "unc"), ("refcocog", "umd"),
                                            ("refcocog", "google"), ("refclef", "berkeley")])
 def test_refer_reads_train_refs_masks_and_never_flips(tmp_path, name, split_by):
-    from agvas_train.data.refer import ReferSource
+    from agvas.train.data.refer import ReferSource
 
     expected = _write_refer(tmp_path, name, split_by)
     src = ReferSource(name, tmp_path)
@@ -128,7 +128,7 @@ def test_refer_reads_train_refs_masks_and_never_flips(tmp_path, name, split_by):
 
 
 def test_refer_errors_name_the_file(tmp_path):
-    from agvas_train.data.refer import ReferSource
+    from agvas.train.data.refer import ReferSource
 
     with pytest.raises(FileNotFoundError, match=r"refcoco refs: expected one of .*refs\(unc\)\.p"):
         ReferSource("refcoco", tmp_path)
@@ -144,7 +144,7 @@ def test_refer_errors_name_the_file(tmp_path):
 
 
 def test_ade20k_label_map_classes_and_ignore(tmp_path):
-    from agvas_train.data.semseg import LabelMapSource
+    from agvas.train.data.semseg import LabelMapSource
 
     root = tmp_path / "ADEChallengeData2016"
     label = np.zeros((S, S), np.uint8)  # 0 = other: never a target
@@ -168,8 +168,8 @@ def test_ade20k_label_map_classes_and_ignore(tmp_path):
 
 
 def test_cocostuff_label_map_ignores_unlabeled_and_hyphenated(tmp_path):
-    from agvas_train.data.classes import COCOSTUFF_CLASSES
-    from agvas_train.data.semseg import LabelMapSource
+    from agvas.train.data.classes import COCOSTUFF_CLASSES
+    from agvas.train.data.semseg import LabelMapSource
 
     assert COCOSTUFF_CLASSES[0] == "person" and COCOSTUFF_CLASSES[156] == "sky" and COCOSTUFF_CLASSES[172] == "wall-other"
     label = np.full((S, S), 255, np.uint8)
@@ -214,7 +214,7 @@ def _part_phrases(src, n=40):
 
 
 def test_pascal_part_polygons_union_of_the_part(tmp_path):
-    from agvas_train.data.semseg import PartSource
+    from agvas.train.data.semseg import PartSource
 
     _write_parts(tmp_path / "train.json", [{"id": 1, "name": "car:wheel"}, {"id": 2, "name": "person:hair"}],
                  "2008_000001.jpg", [(1, [_poly(0, 20, 6, 26)]), (1, [_poly(20, 20, 26, 26)]), (2, [_poly(10, 0, 20, 5)])])
@@ -233,7 +233,7 @@ def test_pascal_part_polygons_union_of_the_part(tmp_path):
 
 
 def test_paco_lvis_rle_and_object_categories(tmp_path):
-    from agvas_train.data.semseg import PartSource
+    from agvas.train.data.semseg import PartSource
 
     lid, mug = _box(4, 4, 12, 10), _box(16, 16, 30, 30)
     root = tmp_path / "paco"
@@ -252,7 +252,7 @@ def test_paco_lvis_rle_and_object_categories(tmp_path):
 
 
 def test_partimagenet_supercategory_names_and_uncompressed_rle(tmp_path):
-    from agvas_train.data.semseg import PartSource, part_name
+    from agvas.train.data.semseg import PartSource, part_name
 
     assert part_name({"name": "Quadruped Head", "supercategory": "Quadruped"}) == ("quadruped", "head")
     assert part_name({"name": "bottle_(glass):cap", "supercategory": ""}) == ("bottle", "cap")
@@ -271,8 +271,8 @@ def test_partimagenet_supercategory_names_and_uncompressed_rle(tmp_path):
 
 
 def _stub_model():
-    from agvas_train.config import tiny
-    from agvas_train.tokenizer import add_anchor_tokens, load_tokenizer
+    from agvas.train.config import tiny
+    from agvas.train.tokenizer import add_anchor_tokens, load_tokenizer
 
     cfg = tiny()
     tok = load_tokenizer(cfg)
@@ -290,8 +290,8 @@ def _write_vqa(path: Path, image: str, turns: list[tuple[str, str]], lead_gpt: b
 
 
 def test_vqa_multi_turn_labels_every_assistant_turn(tmp_path):
-    from agvas_train.data.mixture import IGNORE, example_ids
-    from agvas_train.data.sources import VQASource
+    from agvas.train.data.mixture import IGNORE, example_ids
+    from agvas.train.data.sources import VQASource
 
     _image(tmp_path / "000000033471.jpg", 8)
     turns = [("What colour is the bus?", "It is white."), ("How many people?", "Two people are visible."),
@@ -324,9 +324,9 @@ def test_vqa_multi_turn_labels_every_assistant_turn(tmp_path):
 
 def test_single_turn_ids_and_labels_unchanged(tmp_path):
     """One-turn examples give exactly the pre-multi-turn ids/labels (prompt + answer + EOS)."""
-    from agvas_train.data.mixture import IGNORE, example_ids
-    from agvas_train.data.sources import Example
-    from agvas_train.reference import prompt_ids
+    from agvas.train.data.mixture import IGNORE, example_ids
+    from agvas.train.data.sources import Example
+    from agvas.train.reference import prompt_ids
 
     model, tok = _stub_model()
     ex = Example(Image.new("RGB", (8, 8)), np.zeros((8, 8), bool), "Please segment the anomalies in this image.",
@@ -369,7 +369,7 @@ def test_sub_dataset_is_chosen_uniformly_not_by_size():
 
 
 def _parser():
-    from agvas_train.train_cli import add_arguments
+    from agvas.train.train_cli import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -377,8 +377,8 @@ def _parser():
 
 
 def test_build_mixture_from_cli_flags(tmp_path):
-    from agvas_train.data import synthetic as syn
-    from agvas_train.train_cli import build_mixture
+    from agvas.train.data import synthetic as syn
+    from agvas.train.train_cli import build_mixture
 
     _write_refer(tmp_path / "refer", "refcoco", "unc")
     ade = tmp_path / "ade" / "ADEChallengeData2016"
@@ -426,7 +426,7 @@ def test_build_mixture_from_cli_flags(tmp_path):
 ])
 def test_cli_data_flag_errors(tmp_path, flags, message):
     from agvas.cli import CLIError
-    from agvas_train.train_cli import build_mixture
+    from agvas.train.train_cli import build_mixture
 
     args = _parser().parse_args(["--out", str(tmp_path), *flags])
     with pytest.raises((CLIError, ValueError, FileNotFoundError), match=message):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from runtime.report import build_summary, render_html, tile_names
+from agvas.runtime.report import build_summary, render_html, tile_names
 
 
 def _rec(path: str, score: float, category: str | None = None, name: str = "") -> dict:

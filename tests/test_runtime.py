@@ -30,7 +30,7 @@ SIZES = [(64, 64), (96, 80), (80, 96), (200, 37), (37, 200), (131, 67), (300, 29
 
 def export_for(checkpoint: Path, tmp_path_factory) -> Path:
     """`agvas export` of ``checkpoint``, once per session (shared by the runtime test files)."""
-    from export.exporter import export_checkpoint
+    from agvas.export.exporter import export_checkpoint
 
     out = tmp_path_factory.getbasetemp() / "runtime_export"
     if not (out / "manifest.json").exists():
@@ -45,14 +45,14 @@ def tiny_export(trained_tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def inspector(tiny_export):
-    from runtime import Inspector
+    from agvas.runtime import Inspector
 
     return Inspector(tiny_export, threads=2)
 
 
 @pytest.fixture(scope="session")
 def reference(trained_tiny):
-    from agvas_train.reference import ReferencePipeline
+    from agvas.train.reference import ReferencePipeline
 
     return ReferencePipeline(*trained_tiny)
 
@@ -62,8 +62,8 @@ def parity_images() -> list:
     square and non-square sizes."""
     from PIL import Image
 
-    from agvas_train.data.synthetic import make_sample
-    from agvas_train.train import QUICK_SPEC
+    from agvas.train.data.synthetic import make_sample
+    from agvas.train.train import QUICK_SPEC
 
     cats, defects = QUICK_SPEC["train_categories"], QUICK_SPEC["train_defects"]
     out = []
@@ -117,7 +117,7 @@ def test_parity_with_reference(inspector, reference, record_property):
 
 
 def test_parity_base_vision_tokens(tiny_export, reference):
-    from runtime import Inspector
+    from agvas.runtime import Inspector
 
     insp = Inspector(tiny_export, threads=2, vision_tokens="base")
     for i, (w, h) in enumerate(SIZES[:4]):
@@ -130,7 +130,7 @@ def test_parity_base_vision_tokens(tiny_export, reference):
 
 
 def test_other_modes_match_reference(tiny_export, reference):
-    from runtime import Inspector
+    from agvas.runtime import Inspector
 
     img = random_image(77, 96, 80)
     for mode in ("describe", "explain"):
@@ -157,7 +157,7 @@ def _same_generation(a, b):
 
 
 def test_fast_path_equals_decode_loop(inspector):
-    from runtime import Inspector
+    from agvas.runtime import Inspector
 
     loop = Inspector(inspector.manifest.root, threads=2, fast_path=False)
     for i, (w, h) in enumerate(SIZES[:6]):
@@ -171,7 +171,7 @@ def test_fast_path_equals_decode_loop(inspector):
 def test_fast_path_mismatch_falls_back(inspector, where):
     """Force a wrong answer token: the prefix up to it is kept and decoding continues from there,
     giving exactly the decode loop's output."""
-    from runtime import Inspector
+    from agvas.runtime import Inspector
 
     loop = Inspector(inspector.manifest.root, threads=2, fast_path=False)
     img = random_image(41, 80, 96)
@@ -190,7 +190,7 @@ def test_fast_path_mismatch_falls_back(inspector, where):
 def test_batch_equals_one_by_one(tiny_export, inspector):
     """The batched LLM path (``batch_llm=True``, what GPU providers run; strict: a failing batch
     raises instead of being retried one by one) against the CPU's default one-by-one path."""
-    from runtime import Inspector
+    from agvas.runtime import Inspector
 
     # three of one size (batched together), others of other sizes; a bad one in the middle
     imgs = [random_image(700 + i, 96, 80) for i in range(3)] + [random_image(710, 64, 64), b"not an image",
@@ -220,7 +220,7 @@ def test_batch_equals_one_by_one(tiny_export, inspector):
 def test_result_has_reference_attribute_names(inspector):
     import dataclasses
 
-    from agvas_train.reference import ReferenceResult
+    from agvas.train.reference import ReferenceResult
 
     got = inspector.inspect(random_image(1, 64, 64))
     ref_fields = [f.name for f in dataclasses.fields(ReferenceResult)]
@@ -233,8 +233,8 @@ def test_result_has_reference_attribute_names(inspector):
 
 
 def test_manifest_mismatch_refused(tiny_export, tmp_path):
-    from export.manifest import ManifestError
-    from runtime import Inspector
+    from agvas.export.manifest import ManifestError
+    from agvas.runtime import Inspector
 
     bad = tmp_path / "export"
     shutil.copytree(tiny_export, bad)
@@ -254,7 +254,7 @@ def test_manifest_mismatch_refused(tiny_export, tmp_path):
 def test_engine_override_and_gpu_provider_errors(tiny_export, tmp_path):
     import onnxruntime as ort
 
-    from runtime import Inspector
+    from agvas.runtime import Inspector
 
     shutil.copy(tiny_export / "lm_head.onnx", tmp_path / "head_copy.onnx")
     insp = Inspector(tiny_export, threads=1, engine_files={"lm_head": tmp_path / "head_copy.onnx"})
@@ -275,7 +275,7 @@ def test_engine_override_and_gpu_provider_errors(tiny_export, tmp_path):
 def test_gpu_providers(tiny_export, provider):
     import onnxruntime as ort
 
-    from runtime import Inspector
+    from agvas.runtime import Inspector
 
     need = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[provider]
     if need not in ort.get_available_providers():
@@ -298,7 +298,7 @@ BLOCK_TORCH = textwrap.dedent("""
 def test_runtime_runs_without_torch_and_transformers(tiny_export, tmp_path):
     random_image(5, 96, 80).save(tmp_path / "a.png")
     code = BLOCK_TORCH + textwrap.dedent(f"""
-        from runtime import Inspector
+        from agvas.runtime import Inspector
         r = Inspector({str(tiny_export)!r}, threads=1).inspect({str(tmp_path / 'a.png')!r})
         from agvas.cli import main
         rc = main(["inspect", {str(tmp_path / 'a.png')!r}, "--engines", {str(tiny_export)!r},
@@ -330,10 +330,10 @@ def diverging(trained_tiny_checkpoint, tmp_path_factory):
     the PyTorch reference of that model. ~20 s."""
     import torch
 
-    from agvas_train.checkpoint import load_checkpoint
-    from agvas_train.reference import ReferencePipeline, prompt_ids
-    from agvas_train.templates import CANONICAL_DIRECT_ANSWER, canonical_instruction
-    from export.llm import build_llm, save_causal_lm
+    from agvas.train.checkpoint import load_checkpoint
+    from agvas.train.reference import ReferencePipeline, prompt_ids
+    from agvas.train.templates import CANONICAL_DIRECT_ANSWER, canonical_instruction
+    from agvas.export.llm import build_llm, save_causal_lm
 
     assert DIVERGE_ANSWERS[0] == CANONICAL_DIRECT_ANSWER
     torch.manual_seed(0)
@@ -398,7 +398,7 @@ def _against_reference(insp, ref, img, gen, max_new=None):
 
 def _pair(tiny_export, llm, **kw):
     """The batched path (strict: a failing batch raises) and the one-by-one path over the same engines."""
-    from runtime import Inspector
+    from agvas.runtime import Inspector
 
     files = {"llm": llm}
     return (Inspector(tiny_export, threads=2, engine_files=files, batch_llm=True, strict=True, **kw),
@@ -491,7 +491,7 @@ def test_batched_stream_groups_equal_visual_lengths(tiny_export, diverging):
 def test_batch_retry_is_counted_and_strict_reraises(tiny_export, caplog):
     """A batched LLM pass that raises: strict re-raises; otherwise the images are retried one by
     one, and the retry is counted and logged (an error when each image then succeeds alone)."""
-    from runtime import Inspector
+    from agvas.runtime import Inspector
 
     class BrokenBatch(Inspector):
         def generate(self, batch):
@@ -504,7 +504,7 @@ def test_batch_retry_is_counted_and_strict_reraises(tiny_export, caplog):
     with pytest.raises(RuntimeError, match="broken batched path"):
         list(strict.stream(imgs, batch_size=2))
     lenient = BrokenBatch(tiny_export, threads=2, batch_llm=True)
-    with caplog.at_level("WARNING", logger="runtime.inspector"):
+    with caplog.at_level("WARNING", logger="agvas.runtime.inspector"):
         got = list(lenient.stream(imgs, batch_size=2))
     assert all(not isinstance(r, Exception) for _, r in got)
     assert lenient.batch_retries == 1

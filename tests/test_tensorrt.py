@@ -21,8 +21,8 @@ import pytest
 from stubs.tensorrt import make_module
 from test_runtime import tiny_export  # noqa: F401 - the shared session export
 
-from export.manifest import Manifest, load_manifest, write_manifest
-from export.tensorrt import (EP_TABLE, TRT_CACHE, build_engines, build_recipe, fp32_layer_names, gpu_settings,
+from agvas.export.manifest import Manifest, load_manifest, write_manifest
+from agvas.export.tensorrt import (EP_TABLE, TRT_CACHE, build_engines, build_recipe, fp32_layer_names, gpu_settings,
                              network_flags, profiles, trt_major, trtexec_flags, write_build_script)
 
 TRT8, TRT10 = "8.6.1.6", "10.3.0.30"
@@ -214,8 +214,8 @@ def test_cpu_quantized_engines_are_refused(export, monkeypatch, record, match):
 def _spam_store(export: Path, cal: Path) -> None:
     """A calibration directory with SPAM samples of two token counts and batch sizes (rows of 70
     tokens: 3; of 40: 1), and the trtexec cache beside them."""
-    from calibration.readers import write_tensorrt_cache
-    from calibration.store import StoreWriter
+    from agvas.calibration.readers import write_tensorrt_cache
+    from agvas.calibration.store import StoreWriter
 
     m = load_manifest(export)
     w = StoreWriter(cal, {"export": {"checkpoint_sha256": m.data["source"]["checkpoint_sha256"]}})
@@ -261,8 +261,8 @@ def test_python_builder_int8_entropy_calibration(export, monkeypatch, tmp_path):
 
 
 def test_entropy_calibrator_buffers_and_cuda_modules(export, monkeypatch, tmp_path):
-    from calibration.readers import calibration_batches, calibration_shape, entropy_calibrator, tensorrt_entropy_cache
-    from calibration.store import CalibrationStore
+    from agvas.calibration.readers import calibration_batches, calibration_shape, entropy_calibrator, tensorrt_entropy_cache
+    from agvas.calibration.store import CalibrationStore
 
     cal = tmp_path / "cal"
     _spam_store(export, cal)
@@ -290,7 +290,7 @@ def test_entropy_calibrator_buffers_and_cuda_modules(export, monkeypatch, tmp_pa
 # ---- TensorRT's calibration cache format ---------------------------------------------------------
 
 def test_tensorrt_cache_format_and_stamp(tmp_path):
-    from calibration.readers import (cache_version, read_tensorrt_cache, stamp_tensorrt_cache, tensorrt_cache_text,
+    from agvas.calibration.readers import (cache_version, read_tensorrt_cache, stamp_tensorrt_cache, tensorrt_cache_text,
                                      write_tensorrt_cache)
 
     assert cache_version("8.6.1.6") == 8601 and cache_version("8.6.2") == 8602 and cache_version("10.3.0.30") == 100300
@@ -325,7 +325,7 @@ def _fake_trtexec(tmp_path: Path, version: int) -> dict:
 
 
 def test_build_script_runs_trtexec_per_version(export, tmp_path):
-    from calibration.readers import write_tensorrt_cache
+    from agvas.calibration.readers import write_tensorrt_cache
 
     cal = tmp_path / "cal"
     for e in ("agmd", "spam"):
@@ -367,7 +367,7 @@ def test_dry_runs_agree_and_check_files(export, tmp_path):
     for major in ("8", "10"):
         r = subprocess.run(["bash", script, "--dry-run", "--trt-major", major], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
-        py = subprocess.run([sys.executable, "-m", "export.tensorrt", str(export), "--dry-run", "--trt-major", major],
+        py = subprocess.run([sys.executable, "-m", "agvas.export.tensorrt", str(export), "--dry-run", "--trt-major", major],
                             capture_output=True, text=True)
         assert py.returncode == 0 and py.stdout == r.stdout and len(r.stdout.splitlines()) == 4
     cal = tmp_path / "cal"
@@ -375,7 +375,7 @@ def test_dry_runs_agree_and_check_files(export, tmp_path):
                        text=True, env=env)
     want = f"missing {cal}/tensorrt/spam/tensorrt.cache (run: agvas calibrate --engines {export}"
     assert r.returncode == 2 and want in r.stderr and not r.stdout
-    py = subprocess.run([sys.executable, "-m", "export.tensorrt", str(export), "spam", "--dry-run", "--int8",
+    py = subprocess.run([sys.executable, "-m", "agvas.export.tensorrt", str(export), "spam", "--dry-run", "--int8",
                          "--calib-dir", str(cal)], capture_output=True, text=True)
     assert py.returncode == 2 and want in py.stderr
 
@@ -401,7 +401,7 @@ def test_manifest_gpu_settings_per_export_kind(export):
 
 def test_quantized_export_rewrites_gpu_settings_and_build_script(export, tmp_path):
     """`agvas quantize`'s writer: the GPU block and build_engines.sh follow the new precisions."""
-    from calibration.quantized_export import write_export
+    from agvas.calibration.quantized_export import write_export
 
     m = load_manifest(export)
     out = write_export(m, tmp_path / "q", {}, {"sam_encoder": QDQ_RECORD}, {"engines": {"sam_encoder": QDQ_RECORD}}, {})
@@ -423,7 +423,7 @@ def _ort_trt(monkeypatch):
 
 
 def test_ort_providers_int8_table(export, monkeypatch, tmp_path):
-    from runtime.engines import ort_providers
+    from agvas.runtime.engines import ort_providers
 
     _ort_trt(monkeypatch)
     monkeypatch.delenv("AGVAS_TRT_CALIB_DIR", raising=False)
@@ -464,7 +464,7 @@ def test_ort_providers_int8_table(export, monkeypatch, tmp_path):
 # ---- Triton: a plan's batch size is its own profile's ------------------------------------------------
 
 def test_triton_plan_batch_from_the_plan_record(export):
-    from export.triton import engine_config
+    from agvas.export.triton import engine_config
 
     m = load_manifest(export)
     plan = export / "trt" / "sam_encoder.plan"

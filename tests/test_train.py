@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from agvas_train.config import tiny
-from agvas_train.data.mixture import Mixture, collate
-from agvas_train.data.sources import AnomalySource
-from agvas_train.data.synthetic import SyntheticSpec, make_sample, write_dataset
-from agvas_train.train import (CHECKPOINT, LOG, TrainOptions, Trainer, build_trainable, forward_loss, lr_factor,
+from agvas.train.config import tiny
+from agvas.train.data.mixture import Mixture, collate
+from agvas.train.data.sources import AnomalySource
+from agvas.train.data.synthetic import SyntheticSpec, make_sample, write_dataset
+from agvas.train.train import (CHECKPOINT, LOG, TrainOptions, Trainer, build_trainable, forward_loss, lr_factor,
                                resume_trainer)
 
 
@@ -117,7 +117,7 @@ def test_trained_tiny_answers_with_anchors_and_decisive_maps(trained_tiny):
     """The shared fixture other parts use for parity: anchors in direct mode, decisive maps."""
     from PIL import Image
 
-    from agvas_train.reference import ReferencePipeline
+    from agvas.train.reference import ReferencePipeline
 
     pipe = ReferencePipeline(*trained_tiny)
     decisive, anomalous_hits, normal_empty = [], [], []

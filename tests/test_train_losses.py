@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from agvas_train.losses import (IGNORE, bce_per_mask, dice_per_mask, mask_logits_at_input, segmentation_loss,
+from agvas.train.losses import (IGNORE, bce_per_mask, dice_per_mask, mask_logits_at_input, segmentation_loss,
                                 text_loss)
 
 
@@ -75,7 +75,7 @@ def test_mask_logits_to_input_frame():
 def test_relative_anchors_trained_on_the_softmax_inference_reads():
     """[NOR]/[ANO] are supervised through softmax([m_nor, m_ano]) (what inference thresholds):
     shifting both logits together changes nothing; [SEG] stays a sigmoid."""
-    from agvas_train.losses import channel_logits, segmentation_loss_per_sample
+    from agvas.train.losses import channel_logits, segmentation_loss_per_sample
 
     g = torch.Generator().manual_seed(0)
     m = torch.randn(2, 3, 4, 4, generator=g)
@@ -98,7 +98,7 @@ def test_relative_anchors_trained_on_the_softmax_inference_reads():
 
 
 def test_text_loss_per_sample_is_each_samples_token_mean():
-    from agvas_train.losses import text_loss_per_sample
+    from agvas.train.losses import text_loss_per_sample
 
     v = 5
     logits = torch.zeros(2, 4, v)

@@ -8,15 +8,15 @@ import argparse
 import pytest
 
 from agvas.cli import CLIError
-from agvas_train.config import get_config
-from agvas_train.train_plan import (GIB, STRATEGIES, add_plan_arguments, check_fits, plan_table, plan_training,
+from agvas.train.config import get_config
+from agvas.train.train_plan import (GIB, STRATEGIES, add_plan_arguments, check_fits, plan_table, plan_training,
                                     print_plan)
 
 
 def _meta_counts(name):
-    from agvas_train.lora import apply_lora, configure_trainable
-    from agvas_train.modeling import build_model
-    from agvas_train.modeling.build import count_parameters
+    from agvas.train.lora import apply_lora, configure_trainable
+    from agvas.train.modeling import build_model
+    from agvas.train.modeling.build import count_parameters
 
     cfg = get_config(name)
     model, _ = build_model(cfg, device="meta")

@@ -72,7 +72,7 @@ def kind_name(g) -> str:
 
 
 def test_repository_structure(repo, tiny_export):  # noqa: F811
-    from export.manifest import load_manifest
+    from agvas.export.manifest import load_manifest
 
     m = load_manifest(tiny_export)
     names = sorted(p.name for p in repo.iterdir())
@@ -93,8 +93,8 @@ def test_repository_structure(repo, tiny_export):  # noqa: F811
 
 
 def test_configs_match_the_manifest(configs, tiny_export):  # noqa: F811
-    from export.manifest import load_manifest
-    from export.triton import TRITON_DTYPES
+    from agvas.export.manifest import load_manifest
+    from agvas.export.triton import TRITON_DTYPES
 
     m = load_manifest(tiny_export)
     for engine in ("vision", "sam_encoder", "spam", "agmd", "lm_head", "llm"):
@@ -124,14 +124,14 @@ def test_configs_match_the_manifest(configs, tiny_export):  # noqa: F811
 
 
 def test_a_built_tensorrt_plan_is_served_as_tensorrt_plan(tiny_export, tmp_path):  # noqa: F811
-    """Where `python -m export.tensorrt` left a plan, that engine's model is a tensorrt_plan on the
+    """Where `python -m agvas.export.tensorrt` left a plan, that engine's model is a tensorrt_plan on the
     GPU with its optimisation profile's largest batch (the plan here is a stand-in file)."""
     import shutil
 
     from google.protobuf import text_format
 
-    from export.manifest import load_manifest
-    from export.triton import write_repository
+    from agvas.export.manifest import load_manifest
+    from agvas.export.triton import write_repository
 
     export = tmp_path / "export"
     shutil.copytree(tiny_export, export)
@@ -154,7 +154,7 @@ def test_a_built_tensorrt_plan_is_served_as_tensorrt_plan(tiny_export, tmp_path)
 def test_pbtxt_writer_quotes_and_nests():
     from google.protobuf import text_format
 
-    from export.triton import Enum, to_pbtxt
+    from agvas.export.triton import Enum, to_pbtxt
 
     pb2 = model_config_proto()
     text = to_pbtxt({"name": 'a"b\\c é', "max_batch_size": 2,
@@ -282,11 +282,11 @@ def _png(img) -> bytes:
 
 
 def test_bls_model_equals_the_runtime(bls, tiny_export):  # noqa: F811
-    from agvas_train.data.synthetic import make_sample
+    from agvas.train.data.synthetic import make_sample
     from PIL import Image
 
-    from export.triton_client import image_tensor
-    from runtime import Inspector
+    from agvas.export.triton_client import image_tensor
+    from agvas.runtime import Inspector
 
     model, pb, calls = bls
     imgs = [Image.fromarray(make_sample("stripes", "hole", 3, 0, size=96).image), random_image(61, 96, 80),
@@ -319,7 +319,7 @@ def test_bls_model_equals_the_runtime(bls, tiny_export):  # noqa: F811
 
 def test_bls_decode_loop_without_fast_path(bls, tiny_export):  # noqa: F811
     """Token-by-token decoding through BLS (KV cache sent with every step) == the runtime's."""
-    from runtime import Inspector
+    from agvas.runtime import Inspector
 
     model, pb, calls = bls
     model.inspector.fast_path = False
@@ -339,7 +339,7 @@ def test_perf_analyzer_data_is_a_length_prefixed_bytes_element():
     import base64
     import struct
 
-    from export.triton_client import perf_analyzer_data
+    from agvas.export.triton_client import perf_analyzer_data
 
     d = perf_analyzer_data(b"\x89PNG...")
     raw = base64.b64decode(d["data"][0]["image"]["content"]["b64"])

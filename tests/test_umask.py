@@ -80,7 +80,7 @@ def test_export_files_follow_the_umask(tiny_export, tmp_path):  # noqa: F811
     """The session's export was written under this process's umask; a Triton repository built
     from it (same make_temp_dir / publish_dir road) under 022."""
     from agvas.atomic import dir_mode, file_mode
-    from export.triton import write_repository
+    from agvas.export.triton import write_repository
 
     _assert_tree(Path(tiny_export), file_mode(), dir_mode())
     with umask(0o022):
@@ -91,7 +91,7 @@ def test_export_files_follow_the_umask(tiny_export, tmp_path):  # noqa: F811
 
 
 def test_checkpoint_files_are_0644_under_umask_022(tiny_parts, tmp_path):
-    from agvas_train.checkpoint import save_checkpoint
+    from agvas.train.checkpoint import save_checkpoint
 
     model, tok, proc = tiny_parts
     with umask(0o022):

@@ -26,8 +26,8 @@ from test_runtime import tiny_export  # noqa: F401 - the shared export (session 
 
 def _png(i: int) -> bytes:
     """A synthetic image of the trained categories; odd ones carry a defect."""
-    from agvas_train.data.synthetic import make_sample
-    from agvas_train.train import QUICK_SPEC
+    from agvas.train.data.synthetic import make_sample
+    from agvas.train.train import QUICK_SPEC
 
     cats, defects = QUICK_SPEC["train_categories"], QUICK_SPEC["train_defects"]
     s = make_sample(cats[i % len(cats)], defects[i % len(defects)] if i % 2 else None, seed=7, index=300 + i)
@@ -220,7 +220,7 @@ def test_watch_usage_errors(tiny_export, tmp_path, capsys):  # noqa: F811
 
 
 def test_candidate_names():
-    from runtime.watch import is_candidate
+    from agvas.runtime.watch import is_candidate
 
     assert is_candidate("a.png") and is_candidate("cam2/x.JPG") and is_candidate("a.tiff")
     for rel in (".a.png", "x/.hidden/a.png", "a.png.part", "a.png.tmp", "a.png~", "~a.png", "a.txt", "a.filepart",
@@ -229,7 +229,7 @@ def test_candidate_names():
 
 
 def test_hook_failures_and_timeouts_are_counted_never_raised(tmp_path):
-    from runtime.watch import Hooks
+    from agvas.runtime.watch import Hooks
 
     seen = tmp_path / "seen"
     script = tmp_path / "hook.py"
