@@ -342,7 +342,7 @@ def _runtime_specs(opts: BenchOptions, ckpt: Path, cfg_dir: Path, log: Path, ima
     why = prepare.verb_available("export") or prepare.verb_available("inspect")
     if why is None:
         try:
-            import agvas.runtime
+            from agvas import runtime
 
             if not hasattr(runtime, "Inspector"):
                 why = "runtime.Inspector is missing"
