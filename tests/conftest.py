@@ -92,13 +92,3 @@ def anchor_model():
     model.eval()
     return model, tok, proc
 
-
-@pytest.fixture(scope="session")
-def tiny_export_dir(trained_tiny_checkpoint, tmp_path_factory):
-    """An fp32 export (target tensorrt: with build_engines.sh) of the trained tiny checkpoint,
-    shared read-only by the test modules that only read an export."""
-    from agvas.export.exporter import export_checkpoint
-
-    out = tmp_path_factory.mktemp("shared_export") / "exp"
-    export_checkpoint(trained_tiny_checkpoint, out, target="tensorrt")
-    return out

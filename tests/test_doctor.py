@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from test_runtime import tiny_export  # noqa: F401 - the shared session export
+
 from agvas.cli import main
 
 
@@ -18,8 +20,8 @@ def test_doctor_on_a_cpu_machine(capsys):
     assert "CUDAExecutionProvider      not in this build" in out
 
 
-def test_doctor_engines_and_json(tiny_export_dir, capsys):
-    assert main(["doctor", "--engines", str(tiny_export_dir), "--json"]) == 0
+def test_doctor_engines_and_json(tiny_export, capsys):  # noqa: F811
+    assert main(["doctor", "--engines", str(tiny_export), "--json"]) == 0
     f = json.loads(capsys.readouterr().out)
     rows = {(r["provider"], r["engine"]): r for r in f["engines"]["rows"]}
     assert all(r["ok"] == "yes" for (p, _), r in rows.items() if p == "cpu")
@@ -27,7 +29,7 @@ def test_doctor_engines_and_json(tiny_export_dir, capsys):
     assert rows[("cuda", "llm")]["ok"] == "no" and "fp16" in rows[("cuda", "llm")]["runs_on"]
     assert "not built" in rows[("tensorrt-native", "vision")]["runs_on"]
     assert rows[("tensorrt", "vision")]["runs_on"] == "TensorrtExecutionProvider"
-    assert main(["doctor", "--engines", str(tiny_export_dir)]) == 0
+    assert main(["doctor", "--engines", str(tiny_export)]) == 0
     assert "usable here: --provider cpu" in capsys.readouterr().out
 
 
