@@ -8,14 +8,16 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 from test_runtime import tiny_export  # noqa: F401 - the shared export (session fixture)
 
 
-def test_library_log_moves_root_chatter_to_a_file(tmp_path, capfd):
-    from agvas.quiet import library_log
-
+@contextmanager
+def root_console_at_info():
+    """The worst case: a root console handler at INFO already there (ORT's basicConfig at import);
+    removed and the root level restored afterwards. Yields ``(root, console)``."""
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(asctime)s %(name)s [%(levelname)s] - %(message)s"))
     root = logging.getLogger()
@@ -23,6 +25,17 @@ def test_library_log_moves_root_chatter_to_a_file(tmp_path, capfd):
     root.addHandler(console)
     root.setLevel(logging.INFO)
     try:
+        yield root, console
+    finally:
+        root.removeHandler(console)
+        root.setLevel(level)
+
+
+
+def test_library_log_moves_root_chatter_to_a_file(tmp_path, capfd):
+    from agvas.quiet import library_log
+
+    with root_console_at_info() as (root, console):
         with library_log(tmp_path / "logs" / "step.log") as note:
             logging.info("Quantization parameters for tensor:\"x\" not specified")
             logging.getLogger("some.library").warning("Please consider to run pre-processing")
@@ -32,9 +45,6 @@ def test_library_log_moves_root_chatter_to_a_file(tmp_path, capfd):
             note("our own step note")
         assert console in root.handlers and root.level == logging.INFO  # put back as found
         logging.info("after the step: the console handler is back")
-    finally:
-        root.removeHandler(console)
-        root.setLevel(level)
     err = capfd.readouterr().err
     assert "after the step" in err
     assert "Quantization parameters" not in err and "Please consider" not in err and "a library warning" not in err
@@ -55,18 +65,8 @@ def test_demo_quantize_step_is_quiet(tiny_export, tmp_path, capfd):  # noqa: F81
     rows = []
     d = SimpleNamespace(out=out, data_dir=data, meta=data / "meta.json", args=SimpleNamespace(no_progress=False),
                         rows=rows, row=lambda step, result: rows.append((step, "", result)))
-    # the worst case: a root console handler at INFO already there (ORT's basicConfig at import)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(asctime)s %(name)s [%(levelname)s] - %(message)s"))
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(console)
-    root.setLevel(logging.INFO)
-    try:
+    with root_console_at_info():
         step_quantize(d)
-    finally:
-        root.removeHandler(console)
-        root.setLevel(level)
     cap = capfd.readouterr()
     console_text = cap.out + cap.err
     lines = [ln for ln in console_text.replace("\r", "\n").splitlines() if ln.strip()]
