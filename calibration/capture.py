@@ -56,7 +56,7 @@ class _RecordingLLM:
         self._llm = llm
         self._sink = sink
 
-    def __call__(self, embeds: np.ndarray, past):
+    def __call__(self, embeds: np.ndarray, past, logits: bool = True):
         if past is None:
             b, s, _ = embeds.shape
             llm = self._llm
@@ -67,7 +67,7 @@ class _RecordingLLM:
             for kn, vn in llm.past_names:
                 feeds[kn] = feeds[vn] = empty
             self._sink(feeds)
-        return self._llm(embeds, past)
+        return self._llm(embeds, past, logits)
 
     def __getattr__(self, name: str):
         return getattr(self._llm, name)

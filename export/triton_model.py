@@ -58,8 +58,8 @@ class BLSLLM(LLM):
     """``agvas.runtime.engines.LLM`` (same IO names, positions and call shape) with the cache held as
     numpy arrays and each step sent to the ``llm`` model."""
 
-    def __init__(self, engine: BLSEngine, spec: dict) -> None:
-        super().__init__(engine, spec)
+    def __init__(self, engine: BLSEngine, spec: dict, lm_head=None) -> None:
+        super().__init__(engine, spec, lm_head)
         self.device = "cpu"
 
     def empty_past(self, batch: int) -> list:
@@ -70,7 +70,7 @@ class BLSLLM(LLM):
     def past_length(past: list) -> int:
         return int(past[0][0].shape[2])
 
-    def __call__(self, embeds: np.ndarray, past: list | None):
+    def __call__(self, embeds: np.ndarray, past: list | None, logits: bool = True):
         b, s, _ = embeds.shape
         past = past if past is not None else self.empty_past(b)
         p = self.past_length(past)
@@ -82,7 +82,9 @@ class BLSLLM(LLM):
         out = self.engine.run(**feeds)
         present = [(out[kn].astype(self.kv_dtype, copy=False), out[vn].astype(self.kv_dtype, copy=False))
                    for kn, vn in self.present_names]
-        return out["hidden_states"], out["logits"][:, -1], present
+        if "logits" in out:  # an older export whose llm graph has its own head
+            return out["hidden_states"], out["logits"][:, -1], present
+        return out["hidden_states"], self.last_logits(out["hidden_states"]) if logits else None, present
 
     def truncate(self, past: list, length: int, row: int | None = None) -> list:
         rows = slice(None) if row is None else slice(row, row + 1)
@@ -97,7 +99,7 @@ class BLSEngines:
         self.batch_llm = True  # the Triton llm model takes the whole group in one request
         self.vision, self.sam_encoder, self.spam, self.agmd, self.lm_head = (
             BLSEngine(models[n], manifest.engine(n)) for n in ("vision", "sam_encoder", "spam", "agmd", "lm_head"))
-        self.llm = BLSLLM(BLSEngine(models["llm"], manifest.engine("llm")), manifest.llm)
+        self.llm = BLSLLM(BLSEngine(models["llm"], manifest.engine("llm")), manifest.llm, self.lm_head)
         self.embed_tokens = np.load(manifest.engine_path("embed_tokens"), mmap_mode="r", allow_pickle=False)
         self.image_newline = np.load(manifest.engine_path("image_newline"), allow_pickle=False).astype(np.float32)
 

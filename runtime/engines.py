@@ -190,13 +190,21 @@ class LLM:
     """The ``llm`` engine with its KV cache kept in ONNX Runtime's memory (IO binding): the
     present KV of one call is bound as the next call's past without a round trip through numpy.
 
-    ``__call__(embeds [B,S,H], past) -> (hidden [B,S,H], logits [B,V], present)``; ``past`` is
-    ``None`` for a prefill. Positions come from the attention mask (manifest
+    ``__call__(embeds [B,S,H], past, logits=True) -> (hidden [B,S,H], logits [B,V] | None, present)``;
+    ``past`` is ``None`` for a prefill. Logits (last position) come from the ``lm_head`` engine on
+    the last hidden state — the export's one vocabulary-sized matrix — or from the graph's own
+    ``logits`` output when an older export has one; ``logits=False`` skips them (the fast path's
+    prefill verifies with ``lm_head`` at the answer positions instead). Positions come from the attention mask (manifest
     ``llm.positions = "from_mask"``) or are fed explicitly (``"explicit"``)."""
 
-    def __init__(self, engine: Engine, spec: dict) -> None:
+    def __init__(self, engine: Engine, spec: dict, lm_head=None) -> None:
         self.engine = engine
         self.spec = spec
+        self.lm_head = lm_head
+        self.graph_logits = "logits" in engine.output_names
+        if not self.graph_logits and lm_head is None:
+            raise ValueError(f"llm engine {getattr(engine, 'path', '')}: the graph has no logits output and no "
+                             "lm_head engine was given")
         kv = spec.get("kv") or {}
         n = int(spec["num_layers"])
         self.past_names = [(kv.get("past_key", "past_key_values.{i}.key").format(i=i),
@@ -219,7 +227,7 @@ class LLM:
     def past_length(past: list) -> int:
         return int(past[0][0].shape()[2])
 
-    def __call__(self, embeds: np.ndarray, past: list | None):
+    def __call__(self, embeds: np.ndarray, past: list | None, logits: bool = True):
         b, s, _ = embeds.shape
         past = past if past is not None else self.empty_past(b)
         p = self.past_length(past)
@@ -232,16 +240,23 @@ class LLM:
             io.bind_ortvalue_input(kn, k)
             io.bind_ortvalue_input(vn, v)
         io.bind_output("hidden_states", "cpu")
-        io.bind_output("logits", "cpu")
+        if self.graph_logits:
+            io.bind_output("logits", "cpu")
         for kn, vn in self.present_names:
             io.bind_output(kn, self.device)
             io.bind_output(vn, self.device)
         self.engine.session.run_with_iobinding(io)
         outs = io.get_outputs()
         hidden = outs[0].numpy().astype(np.float32, copy=False)
-        logits = outs[1].numpy().astype(np.float32, copy=False)[:, -1]
-        present = [(outs[2 + 2 * i], outs[3 + 2 * i]) for i in range(len(self.present_names))]
-        return hidden, logits, present
+        k = 2 if self.graph_logits else 1
+        present = [(outs[k + 2 * i], outs[k + 1 + 2 * i]) for i in range(len(self.present_names))]
+        if self.graph_logits:
+            return hidden, outs[1].numpy().astype(np.float32, copy=False)[:, -1], present
+        return hidden, self.last_logits(hidden) if logits else None, present
+
+    def last_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """``[B,V]`` logits of the last position of ``hidden [B,S,H]`` by the ``lm_head`` engine."""
+        return self.lm_head.run(hidden_states=np.ascontiguousarray(hidden[:, -1:]))["logits"][:, -1]
 
     def truncate(self, past: list, length: int, row: int | None = None) -> list:
         """The first ``length`` positions of a KV cache (optionally one batch row) — for the
@@ -294,7 +309,7 @@ class Engines:
         else:
             self.vision, self.sam_encoder, self.spam, self.agmd = (onnx(n) for n in NATIVE_TRT_ENGINES)
         self.lm_head = onnx("lm_head")
-        self.llm = LLM(onnx("llm"), manifest.llm)
+        self.llm = LLM(onnx("llm"), manifest.llm, self.lm_head)
         self.embed_tokens = self._array("embed_tokens", files)
         self.image_newline = self._array("image_newline", files).astype(np.float32)
         for name in files:

@@ -92,7 +92,7 @@ def forced_answer(llm: LLM, lm_head: Engine, table: np.ndarray, embeds: np.ndarr
                          f"(answer {answer}, max_new {max_new})")
     forced = np.concatenate([embeds, np.broadcast_to(table[answer[:k - 1]], (b, k - 1, table.shape[1]))], axis=1)
     t0 = clock()
-    hidden, _, past = llm(forced, None)
+    hidden, _, past = llm(forced, None, logits=False)
     t1 = clock()
     h = hidden[:, s - 1:s - 1 + k]  # h[:, j] predicts answer[j]
     pred = lm_head.run(hidden_states=h)["logits"].argmax(-1)  # [B, k]

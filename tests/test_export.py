@@ -95,8 +95,11 @@ def test_llm_prefill_and_decode_match_torch(tiny_export):
         o = model.language_model(inputs_embeds=x, past_key_values=DynamicCache(config=model.llava.config.text_config),
                                  use_cache=True)
         assert _max_diff(r["hidden_states"], o.last_hidden_state) <= TOL
-        assert r["logits"].shape == (b, 1, llm["vocab_size"])
-        assert _max_diff(r["logits"], model.lm_head(o.last_hidden_state[:, -1:])) <= TOL
+        assert "logits" not in r  # the head is the lm_head engine's alone (one vocabulary-sized matrix)
+        head = _session(m.engine_path("lm_head"))
+        logits = head.run(None, {"hidden_states": r["hidden_states"][:, -1:]})[0]
+        assert logits.shape == (b, 1, llm["vocab_size"])
+        assert _max_diff(logits, model.lm_head(o.last_hidden_state[:, -1:])) <= TOL
         for i, layer in enumerate(o.past_key_values.layers):
             assert _max_diff(r[f"present.{i}.key"], layer.keys) <= TOL
             assert _max_diff(r[f"present.{i}.value"], layer.values) <= TOL
@@ -106,12 +109,25 @@ def test_llm_prefill_and_decode_match_torch(tiny_export):
         r2 = dict(zip(names, sess.run(None, _llm_feed(m, y.numpy(), past, s + 1))))
         o2 = model.language_model(inputs_embeds=y, past_key_values=o.past_key_values, use_cache=True)
         assert _max_diff(r2["hidden_states"], o2.last_hidden_state) <= TOL
-        assert _max_diff(r2["logits"], model.lm_head(o2.last_hidden_state)) <= TOL
+        logits2 = head.run(None, {"hidden_states": r2["hidden_states"]})[0]
+        assert _max_diff(logits2, model.lm_head(o2.last_hidden_state)) <= TOL
         # several new tokens on a truncated past (batch 1): the fallback after a fast-path mismatch
         k = 30
         past1 = [(p[0][:1, :, :k], p[1][:1, :, :k]) for p in past]
         r3 = dict(zip(names, sess.run(None, _llm_feed(m, x[:1, k:].numpy(), past1, s))))
         assert _max_diff(r3["hidden_states"], o.last_hidden_state[:1, k:]) <= TOL
+
+
+def test_one_lm_head_in_the_export(tiny_export):
+    """The vocabulary-sized matrices of an export: the embedding table (an mmapped .npy: only the
+    rows a prompt uses become resident) and one LM head, the lm_head engine's — the llm graph
+    carries none (its builder's own last-position head is removed at export)."""
+    from agvas.benchmarks.memory import vocabulary_arrays
+
+    _, m, _, _, _ = tiny_export
+    found = vocabulary_arrays(m.root, m.llm["vocab_size"], m.llm["hidden_size"])
+    assert sorted(v["file"] for v in found) == ["embed_tokens.npy", "lm_head.onnx"], found
+    assert "logits" not in m.output_names("llm") and m.llm["logits"].startswith("lm_head engine")
 
 
 def test_llm_graph_is_fused_after_ort_optimisation(tiny_export, tmp_path):
@@ -324,7 +340,7 @@ class OrtChain:
 
     def __init__(self, m, model, tok, proc) -> None:
         self.m, self.model, self.tok, self.proc = m, model, tok, proc
-        self.s = {n: _session(m.engine_path(n)) for n in ("vision", "sam_encoder", "spam", "llm", "agmd")}
+        self.s = {n: _session(m.engine_path(n)) for n in ("vision", "sam_encoder", "spam", "llm", "agmd", "lm_head")}
         self.emb = np.load(m.engine_path("embed_tokens"))
         self.newline = torch.from_numpy(np.load(m.engine_path("image_newline")))
 
@@ -355,7 +371,7 @@ class OrtChain:
         tokens, states = [], {}
         for _ in range(cfg.max_new_tokens):
             r = dict(zip(names, self.s["llm"].run(None, _llm_feed(m, x, past, total))))
-            tok = int(r["logits"][0, -1].argmax())
+            tok = int(self.s["lm_head"].run(None, {"hidden_states": r["hidden_states"][:, -1:]})[0][0, -1].argmax())
             if tok in m.token_ids["anchors"] and tok not in states:
                 states[tok] = r["hidden_states"][0, -1]
             tokens.append(tok)

@@ -98,7 +98,7 @@ def test_quantized_engines_run_in_ort_cpu(calibrated, tmp_path, engine, fmt):
         rec = q.quantize_nbits(src, dst, algorithm=algo, block_size=32,
                                reader=StoreReader(store, "llm", limit=2) if algo == "gptq" else None,
                                rtn_nodes=q.lm_head_nodes(onnx.load(str(src), load_external_data=False)))
-        assert rec["quantized_nodes"] == 4 * 5 + 1  # qkv, o, gate, up, down per layer + LM head
+        assert rec["quantized_nodes"] == 4 * 5  # qkv, o, gate, up, down per layer (the LM head is the lm_head engine)
         op = "MatMulNBits"
     elif fmt == "int8":
         rec = q.quantize_int8_dynamic(src, dst)
@@ -145,7 +145,8 @@ def test_gpu_fp16_llm_keeps_its_kv_cache_fp16(calibrated, tmp_path):
     assert all(consumers[n] == "GroupQueryAttention" for n in kv if n.startswith("past_"))
     runs = {}
     for name, path in (("fp32", src), ("fp16", dst)):
-        llm = LLM(Engine("llm", path, ort_providers("cpu", "llm", m), 2, None), m.llm)
+        head = Engine("lm_head", m.engine_path("lm_head"), ["CPUExecutionProvider"], 2, None)
+        llm = LLM(Engine("llm", path, ort_providers("cpu", "llm", m), 2, None), m.llm, head)
         assert llm.kv_dtype == (np.float16 if name == "fp16" else np.float32)
         emb = next(store.samples("llm"))["inputs_embeds"]
         h0, logits, past = llm(emb, None)
@@ -158,7 +159,8 @@ def test_gpu_fp16_llm_keeps_its_kv_cache_fp16(calibrated, tmp_path):
 
 
 def test_int4_bytes_match_the_memory_plan(calibrated, tmp_path):
-    """The MatMulNBits tensors of the int4 llm equal the plan's int4 matrix bytes (decoder + LM head)."""
+    """The MatMulNBits tensors of the int4 llm equal the plan's int4 matrix bytes of the decoder (the
+    LM head is the lm_head engine's, planned apart)."""
     from agvas.calibration import quantize as q
     from agvas.calibration.memory_plan import engine_weights
     from agvas.export.manifest import load_manifest
@@ -176,7 +178,7 @@ def test_int4_bytes_match_the_memory_plan(calibrated, tmp_path):
     cfg = AGVASConfig.from_dict(m.config)
     model, _ = build_model(cfg, device="meta")
     w = engine_weights(model)
-    plan = sum(w[e].bytes("int4") - 4 * w[e].float_params for e in ("llm", "lm_head"))
+    plan = w["llm"].bytes("int4") - 4 * w["llm"].float_params
     assert got == plan
 
 
