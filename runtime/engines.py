@@ -118,7 +118,7 @@ class Engine:
     (fp16 engines take float32 arrays) and returns float32 outputs by name."""
 
     def __init__(self, name: str, path: Path, providers: list, threads: int, manifest: Manifest | None,
-                 spin: bool = False, arena: bool = False) -> None:
+                 spin: bool = False, arena: bool = False, profile_dir: str | os.PathLike | None = None) -> None:
         import onnxruntime as ort
 
         if not path.is_file():
@@ -137,6 +137,10 @@ class Engine:
         # run: with seven sessions the process holds the sum of their peaks (ov-0.5b int8: 9.5 GB
         # after three images with it, 4.8 GB without, same speed). Off by default.
         so.enable_cpu_mem_arena = arena
+        if profile_dir is not None:  # ONNX Runtime's profiler: one JSON trace per session (end_profiling)
+            Path(profile_dir).mkdir(parents=True, exist_ok=True)
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(profile_dir) / name)
         self.name, self.path = name, path
         if (providers[0] if isinstance(providers[0], str) else providers[0][0]) != "CPUExecutionProvider":
             preload_cuda_libraries()
@@ -280,11 +284,15 @@ class Engines:
     tokens; ``True`` on the CPU runs (and tests) the GPU's batched code path.
 
     ``calib_dir``: the ``agvas calibrate`` directory whose TensorRT-EP tables turn INT8 on for the
-    fp32 engines on ``provider="tensorrt"`` (see :func:`ort_providers`)."""
+    fp32 engines on ``provider="tensorrt"`` (see :func:`ort_providers`).
+
+    ``profile_dir``: ONNX Runtime's profiler on every session, one trace per engine in that folder
+    (written by :meth:`end_profiling`; ``python -m agvas.benchmarks.profile`` sums it by op type)."""
 
     def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int | None = None,
                  files: dict[str, str | os.PathLike] | None = None, spin: bool = False, arena: bool = False,
-                 batch_llm: bool | None = None, calib_dir: str | os.PathLike | None = None) -> None:
+                 batch_llm: bool | None = None, calib_dir: str | os.PathLike | None = None,
+                 profile_dir: str | os.PathLike | None = None) -> None:
         self.manifest = manifest
         self.provider = provider
         self.threads = threads or default_threads()
@@ -299,7 +307,7 @@ class Engines:
         def onnx(name: str) -> Engine:
             path = self._path(name, files)
             return Engine(name, path, ort_providers(ep, name, manifest, calib_dir), self.threads,
-                          manifest if name not in files else None, spin, arena)
+                          manifest if name not in files else None, spin, arena, profile_dir)
 
         if provider == "tensorrt-native":
             plans = (manifest.data.get("gpu") or {}).get("tensorrt", {}).get("plans", {})
@@ -327,6 +335,16 @@ class Engines:
 
     def _array(self, name: str, files: dict) -> np.ndarray:
         return np.load(self._path(name, files), mmap_mode="r", allow_pickle=False)
+
+    def end_profiling(self) -> dict[str, str]:
+        """Engine -> its ONNX Runtime profile trace (sessions created with ``profile_dir``)."""
+        out = {}
+        for n in ("vision", "sam_encoder", "spam", "agmd", "lm_head", "llm"):
+            e = getattr(self, n)
+            e = e.engine if isinstance(e, LLM) else e
+            if isinstance(e, Engine) and e.session.get_session_options().enable_profiling:
+                out[n] = e.session.end_profiling()
+        return out
 
     @property
     def providers(self) -> dict[str, str]:

@@ -115,6 +115,8 @@ class Inspector:
     - ``batch_llm``: images of equal visual length in one ``stream`` chunk share one batched LLM
       pass (``True``) or run row by row (``False``); ``None`` (default): batched on GPU providers,
       rows on the CPU. ``True`` on the CPU runs the GPU's batched code path (same results).
+    - ``profile_dir``: ONNX Runtime's profiler per engine (``engines.end_profiling()`` writes the
+      traces; ``python -m agvas.benchmarks.profile`` runs and summarises it).
     - ``strict``: a batched LLM pass that raises is re-raised instead of being retried image by
       image. Without it the retry isolates a failing image, but it is counted
       (``batch_retries``), logged as a warning and reported in ``agvas inspect``'s summary: on
@@ -128,7 +130,7 @@ class Inspector:
                  max_new_tokens: int | None = None, engine_files: dict | None = None, verify: str = "bytes",
                  max_pixels: int = DEFAULT_MAX_PIXELS, spin: bool = False, arena: bool = False,
                  batch_llm: bool | None = None, strict: bool = False,
-                 calib_dir: str | os.PathLike | None = None) -> None:
+                 calib_dir: str | os.PathLike | None = None, profile_dir: str | os.PathLike | None = None) -> None:
         self.manifest: Manifest = load_manifest(export_dir, verify=verify)
         m = self.manifest.data
         self.mode = normalize_mode(mode)
@@ -139,7 +141,7 @@ class Inspector:
             raise ValueError(f"--vision-tokens {self.vision_tokens!r}: the export {export_dir} supports "
                              f"{vt['supported']}")
         self.engines = Engines(self.manifest, provider, threads, engine_files, spin, arena, batch_llm=batch_llm,
-                               calib_dir=calib_dir)
+                               calib_dir=calib_dir, profile_dir=profile_dir)
         self.prompt = Prompt(m["prompt"], Path(export_dir) / "tokenizer")
         self.pre_ids, self.post_ids = self.prompt.split_ids(self.mode, normal_sentence)  # validates the mode now
         self.siglip = SiglipParams.from_manifest(m["preprocessing"]["siglip"])
