@@ -39,8 +39,10 @@ _LAYER = re.compile(r"layers[./_](\d+)[./_]")
 # ---- graph helpers ---------------------------------------------------------------------------
 
 def weight_matmuls(model: onnx.ModelProto, op_types: Iterable[str] = ("MatMul", "Gemm")) -> list[tuple[str, str]]:
-    """``(node name, weight initializer name)`` of the nodes whose second input is a constant."""
-    inits = {t.name for t in model.graph.initializer}
+    """``(node name, weight initializer name)`` of the nodes whose second input is a constant weight
+    matrix (2-D: per-channel quantization is per output column; a constant 3-D right operand, such
+    as SAM's relative-position tables in a batched MatMul, is not a weight and stays float)."""
+    inits = {t.name for t in model.graph.initializer if len(t.dims) == 2}
     return [(n.name, n.input[1]) for n in model.graph.node
             if n.op_type in set(op_types) and len(n.input) > 1 and n.input[1] in inits]
 
