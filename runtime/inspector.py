@@ -36,7 +36,7 @@ from PIL import Image
 from agvas.imageio import DEFAULT_MAX_PIXELS, load_image
 from agvas.export.manifest import Manifest, load_manifest
 
-from .engines import Engines
+from .engines import Engines, release_memory
 from .generate import Generation, forced_answer, greedy
 from .packing import pack_features
 from .postprocess import decide, upsample_maps
@@ -245,7 +245,10 @@ class Inspector:
     def inspect(self, image) -> Result:
         """One image (path, file object, PIL image or HxWx3 uint8 array) -> :class:`Result`."""
         enc = self.encode(image)
-        return self.finish(enc, self.generate([enc])[0])
+        try:
+            return self.finish(enc, self.generate([enc])[0])
+        finally:
+            release_memory()  # the stages' freed buffers (KV cache, activations) back to the system
 
     def inspect_batch(self, images: Iterable, batch_size: int = 8) -> list[Result]:
         """Several images; raises the first per-image error (use :meth:`stream` to go on past it)."""
@@ -289,6 +292,7 @@ class Inspector:
                 chunk = [(i, take(job)) for i, job in (pending.popleft() for _ in range(min(batch_size, len(pending))))]
                 fill(2 * batch_size)  # the worker encodes ahead while the LLM runs below
                 results = dict(self._run_chunk(chunk))
+                release_memory()
                 for i, _ in chunk:
                     yield i, results[i]
         finally:
