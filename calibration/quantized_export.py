@@ -194,12 +194,16 @@ def _fmt_ms(ms: dict[str, float]) -> str:
 
 def time_sessions(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int = 3,
                   threads: int | None = None) -> dict[str, float]:
-    """Median ms per graph over ``runs`` interleaved runs after one warm-up each (A/B side by side)."""
+    """Median ms per graph over ``runs`` interleaved runs after one warm-up each (A/B side by side),
+    in sessions configured as the runtime's (:class:`agvas.runtime.engines.Engine`: no CPU arena, no
+    spin-waiting), so the variant chosen is the one that is fastest where it will run."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = False
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for k, s in sessions.items():
