@@ -11,8 +11,10 @@ included: a memory-mapped array counts once its pages are touched):
   than once: a pre-packed copy, an unreleased initializer);
 - ``activations``: per stage, the high-water mark (``VmHWM``, reset through
   ``/proc/self/clear_refs``) while the stage runs, above the resident set it started from;
-- ``arena``: what stays resident after the images are done, above weights + baseline (ONNX
-  Runtime's arena, allocator caches, the KV cache released or not);
+- ``retained``: what stays resident after the images, above the loaded engines (allocator
+  caches, touched pages of the memory-mapped embedding table; the runtime runs without ONNX
+  Runtime's arena and returns freed heap pages after each image);
+- ``peak``: the process's high-water mark over loading and every stage;
 - ``vocabulary``: the vocabulary-sized arrays of the export (``[V, H]`` or ``[H, V]``), by file.
 
 The same numbers go into the bench record (``memory`` of a runtime run) when ``agvas bench``
@@ -81,7 +83,9 @@ class _Peak:
         try:
             return fn(*a, **kw)
         finally:
-            self._peaks[self._stage] = max(self._peaks.get(self._stage, 0.0), hwm_mb() - start)
+            top = hwm_mb()
+            self._peaks[self._stage] = max(self._peaks.get(self._stage, 0.0), top - start)
+            self._peaks["_process"] = max(self._peaks.get("_process", 0.0), top)
 
     def run(self, **feeds):
         return self._measure(self._inner.run, **feeds)
@@ -141,6 +145,7 @@ def composition(export_dir: str | os.PathLike, engine_files: dict[str, str] | No
     finally:
         eng.Engine = real_engine
     loaded = rss_mb()
+    load_peak = hwm_mb()  # before any reset: the high-water mark of loading (a graph parsed + its session)
     peaks: dict[str, float] = {}
     e = insp.engines
     for name in ("vision", "sam_encoder", "spam", "agmd", "lm_head"):
@@ -152,6 +157,7 @@ def composition(export_dir: str | os.PathLike, engine_files: dict[str, str] | No
         results.append({"n_visual": r.n_visual, "fast_path": r.fast_path,
                         "timings_ms": {k: round(v, 1) for k, v in r.timings_ms.items()}})
     after = rss_mb()
+    process_peak = max(peaks.pop("_process", 0.0), hwm_mb(), load_peak)
     m = load_manifest(export_dir, verify="none").data
     vocab, hidden = m["llm"]["vocab_size"], m["llm"]["hidden_size"]
     held = sum(w["resident_mb"] for w in weights.values())
@@ -159,9 +165,9 @@ def composition(export_dir: str | os.PathLike, engine_files: dict[str, str] | No
         "export": str(export_dir), "engine_files": engine_files or {}, "images": len(images or []),
         "load_s": load_s, "baseline_mb": baseline, "weights": weights, "weights_resident_mb": held,
         "weights_on_disk_mb": sum(w["on_disk_mb"] for w in weights.values()),
-        "loaded_rss_mb": loaded, "activations_peak_mb": peaks,
+        "loaded_rss_mb": loaded, "load_peak_mb": load_peak, "activations_peak_mb": peaks,
         "after_images_rss_mb": after, "retained_after_images_mb": after - loaded,
-        "peak_rss_mb": hwm_mb() if not images else max(loaded + max(peaks.values(), default=0.0), hwm_mb()),
+        "peak_rss_mb": process_peak,
         "vocabulary_arrays": vocabulary_arrays(export_dir, int(vocab), int(hidden)) if vocab and hidden else [],
         "results": results,
     }
@@ -176,6 +182,8 @@ def markdown(c: dict[str, Any]) -> str:
         act = c["activations_peak_mb"].get(name)
         lines.append(f"| weights: {name} | {w['resident_mb']:,.0f} | {w['on_disk_mb']:,.0f} | "
                      f"{'' if act is None else f'{act:,.0f}'} |")
+    lines.append(f"| loaded (all engines) / high-water mark while loading | {c['loaded_rss_mb']:,.0f} / "
+                 f"{c['load_peak_mb']:,.0f} | | |")
     lines.append(f"| retained after the images (arena, caches, mmapped tables) | {c['retained_after_images_mb']:,.0f} | | |")
     lines.append(f"| **peak RSS** | {c['peak_rss_mb']:,.0f} | | |")
     vocab = c.get("vocabulary_arrays") or []

@@ -115,6 +115,26 @@ def markdown(record: dict[str, Any]) -> str:
         lines.append(f"| llm_vs_ortgenai {prec} (TTFT / ms per token; peer {_f(v['peer_ttft_ms'])} ms / "
                      f"{_f(v['peer_decode_ms_per_token'])} ms at {v['prompt_tokens']} tokens) | "
                      f"{_f(v['ttft'], '{:.2f}')} / {_f(v['decode'], '{:.2f}')} | ≥ 1 |")
+    best = next((r for r in record["runs"] if r["name"] == record.get("best")), None)
+    eff = (best or {}).get("efficiency") or {}
+    if eff:
+        lines += ["", f"Stage efficiency of `{best['name']}` (FLOPs counted by `benchmarks/flops.py`, causal attention "
+                  "at its minimum; the peak is the machine's measured peak of the stage's precision):", "",
+                  "| stage | GFLOP | achieved GFLOP/s | peak | fraction of peak |", "|---|---|---|---|---|"]
+        for st, e in eff.items():
+            if "fraction_of_peak" in e:
+                lines.append(f"| {st} | {e['gflop']:,.3g} | {e['achieved_gflops']:,.0f} | {e['peak_key']} "
+                             f"{record['machine']['peak_gflops'][e['peak_key']]:,.0f} | {e['fraction_of_peak']:.2f} |")
+            elif "fraction_of_bandwidth" in e:
+                lines.append(f"| {st} (weights streamed per token) | {e['weight_gb']:.2f} GB | {e['achieved_gbs']:,.1f} GB/s | "
+                             f"memory {record['machine']['memory_bandwidth_gbs']:,.0f} GB/s | {e['fraction_of_bandwidth']:.2f} |")
+    mc = record.get("memory_composition")
+    if mc and "error" not in mc:
+        from .memory import markdown as memory_markdown
+
+        lines += ["", memory_markdown(mc)]
+    elif mc:
+        lines += ["", f"Memory composition: FAILED ({mc['error']})"]
     failed = [r["name"] for r in record["runs"] if r.get("error")]
     skipped = record["setup"].get("skipped") or {}
     if failed or skipped:  # FAILED: it was meant to run and did not (exit 1); skipped: unavailable here, not requested

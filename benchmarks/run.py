@@ -594,6 +594,10 @@ def bench(opts: BenchOptions, progress: Callable[[str], None] = lambda s: None) 
         "runs": runs,
     }
     record["speedup"], record["rss_fraction_vs_eager_fp32"], record["best"] = speedups(runs)
+    best_spec = next((sp for g in groups for sp in g if record["best"] and record["best"].startswith(sp.name + "/")), None)
+    if best_spec is not None and best_spec.kind == "runtime":
+        progress(f"memory composition of {best_spec.name}")
+        record["memory_composition"] = memory_composition(best_spec, Path(info["log"]), opts.threads)
     if opts.config != "tiny":
         from . import devices
 
@@ -603,6 +607,28 @@ def bench(opts: BenchOptions, progress: Callable[[str], None] = lambda s: None) 
                                   "rows": devices.device_table(configs=(opts.config, "ov-7b"))}
     report.write_all(record, opts.json_path, opts.results_dir)
     return record
+
+
+def memory_composition(spec: WorkerSpec, log: Path, threads: int) -> dict[str, Any]:
+    """:mod:`agvas.benchmarks.memory` for a runtime back-end, in a fresh process (its own peak):
+    weights resident by engine next to their files, each stage's peak, what stays after the
+    images, the vocabulary-sized arrays. Two images (the first loads pages, both count)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="agvas_mem_") as tmp:
+        out = Path(tmp) / "memory.json"
+        cmd = [sys.executable, "-m", "agvas.benchmarks.memory", spec.args["export_dir"], "--threads", str(threads),
+               "--json", str(out)]
+        for k, v in (spec.args.get("engine_files") or {}).items():
+            cmd += ["--engine-file", f"{k}={v}"]
+        for img in spec.images[:2]:
+            cmd += ["--image", img]
+        with open(log, "a") as f:
+            r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
+                               env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if r.returncode != 0 or not out.is_file():
+            return {"error": f"python -m agvas.benchmarks.memory exited {r.returncode} (log: {log})"}
+        return json.loads(out.read_text())
 
 
 def _describe(name: str) -> dict[str, str]:

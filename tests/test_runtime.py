@@ -532,3 +532,35 @@ def test_inspect_cli_batch_llm(tiny_export, tmp_path):
         runs[flag] = sorted((json.loads(x)["path"], json.loads(x)["text"], json.loads(x)["verdict"])
                             for x in (out / "results.jsonl").read_text().splitlines())
     assert runs["--batch-llm"] == runs["--no-batch-llm"] and len(runs["--batch-llm"]) == 4
+
+
+def test_memory_composition_and_profile(tiny_export, tmp_path):
+    """`python -m agvas.benchmarks.memory` (a fresh process) names every engine's resident weights
+    and on-disk bytes, every stage's peak, the vocabulary-sized arrays (embedding table + the one
+    LM head); the per-engine ONNX Runtime profiler (Inspector(profile_dir=...)) sums kernel time by
+    op type; freed heap pages go back to the system (glibc here)."""
+    from agvas.benchmarks.profile import summarize_trace
+    from agvas.runtime import Inspector
+    from agvas.runtime.engines import release_memory
+
+    img = tmp_path / "a.png"
+    random_image(5, 96, 80).save(img)
+    out = tmp_path / "mem.json"
+    subprocess.run([sys.executable, "-m", "agvas.benchmarks.memory", str(tiny_export), "--image", str(img),
+                    "--threads", "2", "--json", str(out)], check=True, capture_output=True, text=True)
+    c = json.loads(out.read_text())
+    engines = {"vision", "sam_encoder", "spam", "agmd", "lm_head", "llm"}
+    assert set(c["weights"]) == engines and all(w["on_disk_mb"] > 0 for w in c["weights"].values())
+    assert set(c["activations_peak_mb"]) == engines and all(v >= 0 for v in c["activations_peak_mb"].values())
+    assert c["peak_rss_mb"] >= c["loaded_rss_mb"] > c["baseline_mb"] > 0
+    assert sorted(v["file"] for v in c["vocabulary_arrays"]) == ["embed_tokens.npy", "lm_head.onnx"]
+    assert c["results"][0]["n_visual"] > 0
+
+    insp = Inspector(tiny_export, threads=2, profile_dir=tmp_path / "prof")
+    insp.inspect(img)
+    insp.inspect(img)
+    traces = insp.engines.end_profiling()
+    assert set(traces) == engines and all(Path(t).is_file() for t in traces.values())
+    llm = summarize_trace(traces["llm"], skip_runs=1)
+    assert llm["runs"] >= 1 and "GroupQueryAttention" in llm["by_op_ms"] and llm["kernel_ms"] > 0
+    assert release_memory() is True
