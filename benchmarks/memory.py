@@ -34,18 +34,8 @@ import numpy as np
 MB = 1024.0 * 1024.0
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / MB
-
-
-def hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmHWM in /proc/self/status")
+from .stats import current_rss_mb as rss_mb  # noqa: E402 - /proc/self/statm
+from .stats import peak_rss_mb as hwm_mb  # noqa: E402 - VmHWM
 
 
 def reset_hwm() -> bool:
