@@ -42,26 +42,23 @@ def summarize_trace(path: str | Path, skip_runs: int = 1, top: int = 8) -> dict[
 
 
 def profile(export_dir: str | Path, images: list[str], out: str | Path, engine_files: dict | None = None,
-            threads: int | None = None, vision_tokens: str | None = None) -> dict[str, Any]:
+            threads: int | None = None, vision_tokens: str | None = None, fast_path: bool = True) -> dict[str, Any]:
     from agvas.runtime import Inspector
 
     insp = Inspector(export_dir, engine_files=engine_files, threads=threads, vision_tokens=vision_tokens,
-                     profile_dir=out)
-    stages = []
-    for img in images:
+                     profile_dir=out, fast_path=fast_path)
+    stages, warmup_runs = [], {}
+    skip = 1 if len(images) > 1 else 0
+    for i, img in enumerate(images):
         r = insp.inspect(img)
         stages.append({k: round(v, 1) for k, v in r.timings_ms.items()})
+        if i + 1 == skip:  # the runs each session made for the warm-up image (decode steps vary per image)
+            warmup_runs = {n: e.runs for n, e in insp.engines.sessions().items()}
     traces = insp.engines.end_profiling()
-    skip = 1 if len(images) > 1 else 0
     return {"export": str(export_dir), "images": len(images), "warmup_images": skip, "stages_ms": stages,
-            "engines": {n: {"trace": t, **summarize_trace(t, skip_runs=_runs_per_image(t, len(images)) * skip)}
+            "engines": {n: {"trace": t, "warmup_runs": warmup_runs.get(n, 0),
+                            **summarize_trace(t, skip_runs=warmup_runs.get(n, 0))}
                         for n, t in traces.items()}}
-
-
-def _runs_per_image(trace: str, images: int) -> int:
-    runs = sum(1 for e in json.loads(Path(trace).read_text())
-               if e.get("cat") == "Session" and e.get("name") == "model_run")
-    return max(1, runs // max(1, images))
 
 
 def markdown(p: dict[str, Any], ops: int = 6) -> str:
@@ -81,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine-file", action="append", default=[], metavar="ENGINE=FILE")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--vision-tokens")
+    ap.add_argument("--no-fast-path", action="store_true",
+                    help="decode step by step instead of the forced-answer fast path (one llm run per image)")
     ap.add_argument("--out", type=Path, help="folder for the traces (default: a temporary folder)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     out = a.out or Path(tempfile.mkdtemp(prefix="agvas_profile_"))
     p = profile(a.export, a.image, out, dict(x.split("=", 1) for x in a.engine_file) or None, a.threads,
-                a.vision_tokens)
+                a.vision_tokens, fast_path=not a.no_fast_path)
     print(markdown(p))
     for name, e in p["engines"].items():
         print(f"\n{name}: " + "; ".join(f"{n} {ms:,.0f}" for n, ms in e["top_nodes_ms"].items()))

@@ -178,6 +178,7 @@ class Engine:
         self.inputs = {a.name: a for a in self.session.get_inputs()}
         self.input_dtypes = {a.name: _dtype(a.type) for a in self.session.get_inputs()}
         self.output_names = [a.name for a in self.session.get_outputs()]
+        self.runs = 0  # session runs so far (the profiler's summary skips the warm-up image's)
 
     def feed(self, name: str, x: np.ndarray) -> np.ndarray:
         dt = self.input_dtypes[name]
@@ -185,6 +186,7 @@ class Engine:
 
     def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         outs = self.session.run(None, {k: self.feed(k, v) for k, v in feeds.items()})
+        self.runs += 1
         return {n: (o.astype(np.float32) if o.dtype == np.float16 else o) for n, o in zip(self.output_names, outs)}
 
 
@@ -272,6 +274,7 @@ class LLM:
             io.bind_output(kn, self.device)
             io.bind_output(vn, self.device)
         self.engine.session.run_with_iobinding(io)
+        self.engine.runs += 1
         outs = io.get_outputs()
         hidden = outs[0].numpy().astype(np.float32, copy=False)
         k = 2 if self.graph_logits else 1
@@ -359,15 +362,20 @@ class Engines:
     def _array(self, name: str, files: dict) -> np.ndarray:
         return np.load(self._path(name, files), mmap_mode="r", allow_pickle=False)
 
-    def end_profiling(self) -> dict[str, str]:
-        """Engine -> its ONNX Runtime profile trace (sessions created with ``profile_dir``)."""
+    def sessions(self) -> dict[str, Engine]:
+        """Engine name -> its ONNX Runtime :class:`Engine` (the LLM's own session included)."""
         out = {}
         for n in ("vision", "sam_encoder", "spam", "agmd", "lm_head", "llm"):
             e = getattr(self, n)
             e = e.engine if isinstance(e, LLM) else e
-            if isinstance(e, Engine) and e.session.get_session_options().enable_profiling:
-                out[n] = e.session.end_profiling()
+            if isinstance(e, Engine):
+                out[n] = e
         return out
+
+    def end_profiling(self) -> dict[str, str]:
+        """Engine -> its ONNX Runtime profile trace (sessions created with ``profile_dir``)."""
+        return {n: e.session.end_profiling() for n, e in self.sessions().items()
+                if e.session.get_session_options().enable_profiling}
 
     @property
     def providers(self) -> dict[str, str]:

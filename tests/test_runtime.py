@@ -538,9 +538,9 @@ def test_memory_composition_and_profile(tiny_export, tmp_path):
     """`python -m agvas.benchmarks.memory` (a fresh process) names every engine's resident weights
     and on-disk bytes, every stage's peak, the vocabulary-sized arrays (embedding table + the one
     LM head); the per-engine ONNX Runtime profiler (Inspector(profile_dir=...)) sums kernel time by
-    op type; freed heap pages go back to the system (glibc here)."""
-    from agvas.benchmarks.profile import summarize_trace
-    from agvas.runtime import Inspector
+    op type, skipping exactly the warm-up image's runs; freed heap pages go back to the system
+    (glibc here)."""
+    from agvas.benchmarks.profile import profile, summarize_trace
     from agvas.runtime.engines import release_memory
 
     img = tmp_path / "a.png"
@@ -556,11 +556,17 @@ def test_memory_composition_and_profile(tiny_export, tmp_path):
     assert sorted(v["file"] for v in c["vocabulary_arrays"]) == ["embed_tokens.npy", "lm_head.onnx"]
     assert c["results"][0]["n_visual"] > 0
 
-    insp = Inspector(tiny_export, threads=2, profile_dir=tmp_path / "prof")
-    insp.inspect(img)
-    insp.inspect(img)
-    traces = insp.engines.end_profiling()
-    assert set(traces) == engines and all(Path(t).is_file() for t in traces.values())
-    llm = summarize_trace(traces["llm"], skip_runs=1)
-    assert llm["runs"] >= 1 and "GroupQueryAttention" in llm["by_op_ms"] and llm["kernel_ms"] > 0
+    # the same image twice, decoded step by step (no forced-answer fast path): the summary skips
+    # exactly the warm-up image's session runs (prefill and every decode step for the llm), so what
+    # is kept equals what the warm-up made
+    p = profile(tiny_export, [img, img], tmp_path / "prof", threads=2, fast_path=False)
+    assert set(p["engines"]) == engines and all(Path(e["trace"]).is_file() for e in p["engines"].values())
+    for name, e in p["engines"].items():
+        total = sum(1 for ev in json.loads(Path(e["trace"]).read_text())
+                    if ev.get("cat") == "Session" and ev.get("name") == "model_run")
+        assert e["warmup_runs"] >= 1 and e["runs"] == e["warmup_runs"] == total - e["warmup_runs"], name
+    assert p["engines"]["llm"]["warmup_runs"] > 1  # prefill + decode steps
+    llm = p["engines"]["llm"]
+    assert "GroupQueryAttention" in llm["by_op_ms"] and llm["kernel_ms"] > 0
+    assert summarize_trace(llm["trace"], skip_runs=0)["runs"] == 2 * llm["warmup_runs"]
     assert release_memory() is True
