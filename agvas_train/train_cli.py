@@ -81,6 +81,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-minutes", type=float, help="stop (and save) after this much wall time")
     t.add_argument("--no-augment", action="store_true", help="no flips / 90° rotations")
+    t.add_argument("--strong-augment", action="store_true", help="anomaly sources: also random zoom and colour-channel "
+                   "permutation (see data/sources.py augment)")
+    t.add_argument("--photo-normals", type=float, metavar="P", help="add scikit-image's bundled photographs as "
+                   "normal images with mixture probability P (the other sources share 1-P; data/sources.py "
+                   "PhotoNormalSource)")
+    t.add_argument("--normal-share", type=float, help="anomaly sources: draw a normal image with this probability "
+                   "(default: uniformly over the split's images)")
     e = p.add_argument_group("evaluation while training")
     e.add_argument("--eval-data", help="meta.json / MVTec folder: zero-shot metrics on its test split (agvas eval)")
     e.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (and at the end)")
@@ -140,10 +147,11 @@ def build_mixture(args):
     seg = [r for path in [*args.data, *opt("seg")] for r in read_meta(path, args.split)]
     instruct = [r for path in [*args.data, *opt("instruct")] for r in read_meta(path, args.split)]
     sources = {}
+    share, strong = getattr(args, "normal_share", None), bool(getattr(args, "strong_augment", False))
     if seg:
-        sources["seg"] = (AnomalySource(seg, {"direct": 1.0}, augment), mix.get("seg", 0.0))
+        sources["seg"] = (AnomalySource(seg, {"direct": 1.0}, augment, share, strong), mix.get("seg", 0.0))
     if instruct:
-        sources["instruct"] = (AnomalySource(instruct, modes, augment), mix.get("instruct", 0.0))
+        sources["instruct"] = (AnomalySource(instruct, modes, augment, share, strong), mix.get("instruct", 0.0))
     general = {}
     refer_images = dict(_named(v, "--refer-images", REFER_DATASETS, default_name="*") for v in opt("refer_images"))
     for value in opt("refer"):
@@ -171,6 +179,15 @@ def build_mixture(args):
     if not any(p > 0 for _, p in sources.values()):
         raise CLIError("no training data: give --data META (and/or --seg / --instruct / --general / --refer / --sem-seg "
                        "/ --vqa) with a positive --mix share")
+    photos = getattr(args, "photo_normals", None)
+    if photos:
+        if not 0.0 < photos < 1.0:
+            raise CLIError(f"--photo-normals {photos}: expected a probability in (0, 1)")
+        from .data.sources import PhotoNormalSource
+
+        total = sum(p for _, p in sources.values())
+        sources = {n: (s, p / total * (1.0 - photos)) for n, (s, p) in sources.items()}
+        sources["photos"] = (PhotoNormalSource(augment=augment, strong_augment=strong), photos)
     return Mixture(sources, seed=args.seed)
 
 
@@ -239,7 +256,8 @@ def options_from_args(args):
 
 # what --resume restores when the command line does not give it again
 DATA_ARGS = ("data", "instruct", "seg", "split", "general", "refer", "refer_images", "sem_seg", "general_weights",
-             "vqa", "vqa_images", "mix", "instruct_modes", "no_augment")
+             "vqa", "vqa_images", "mix", "instruct_modes", "no_augment", "normal_share",
+             "strong_augment", "photo_normals")
 
 
 def _saved_cli(args) -> dict:

@@ -46,8 +46,13 @@ def projector_flops(cfg: AGVASConfig, n_crops: int) -> int:
 
 def sam_encoder_flops(cfg: AGVASConfig, batch: int = 1) -> dict[str, int]:
     """SAM ``ImageEncoderViT``: patch conv, windowed blocks (on the window-padded grid), global
-    blocks, decomposed relative positions, neck. Returns the parts and ``total``."""
+    blocks, decomposed relative positions, neck. Returns the parts and ``total``. For the frozen
+    EfficientNet-Lite0 encoder (``kind`` ``efficientnet_lite0``): ``backbone``, ``neck``, ``total``."""
     pe = cfg.pixel_encoder
+    if pe.kind == "efficientnet_lite0":
+        from agvas.train.modeling.effnet import effnet_flops
+
+        return effnet_flops(pe, batch)
     g, d, w = pe.grid, pe.embed_dim, pe.window_size
     mlp = int(d * pe.mlp_ratio)
     tokens = g * g

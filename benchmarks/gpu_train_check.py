@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="agvas_gpu_check_"))
-    small, big = ("tiny", "tiny") if args.smoke else ("ov-0.5b", "ov-7b")
+    small, big = ("tiny-sam", "tiny-sam") if args.smoke else ("ov-0.5b", "ov-7b")
     sizes = (64, 128) if args.smoke else (384, 1024)
     dtype = "fp32" if args.smoke else "bf16"
     result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",

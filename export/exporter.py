@@ -172,7 +172,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         pre = _preprocessing(cfg, proc)
         data = new_manifest(
             source={"checkpoint": str(ckpt), "checkpoint_sha256": sha, "config_name": cfg.name,
-                    "checkpoint_format_version": meta.get("format_version")},
+                    "checkpoint_format_version": meta.get("format_version"),
+                    **({"pixel_encoder_weights": meta["pixel_encoder_weights"]}
+                       if meta.get("pixel_encoder_weights") else {})},
             config=config_dict, token_ids=token_ids, engines=engines, llm=llm, prompt=_prompt(cfg),
             preprocessing=pre,
             vision_tokens={"default": vision_tokens, "supported": list(VISION_TOKENS),

@@ -1,5 +1,6 @@
-"""Shared fixtures: the tiny config built from its registry entry, and a tiny model that emits
-the anchors (a randomly initialised model never does; learning the answer template is quick)."""
+"""Shared fixtures: the `tiny-sam` config (tiny with SAM's ViT pixel encoder, exported as the
+real configs' is; `tiny`'s EfficientNet encoder has tests/test_effnet_encoder.py) built from its
+registry entry, and a tiny model that emits the anchors (a randomly initialised model never does; learning the answer template is quick)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ def random_image(seed: int, w: int, h: int) -> Image.Image:
 
 @pytest.fixture(scope="session")
 def tiny_parts():
-    from agvas.train.config import tiny
+    from agvas.train.config import tiny_sam
     from agvas.train.modeling import build_model, image_processor_for
 
-    cfg = tiny()
+    cfg = tiny_sam()
     model, tok = build_model(cfg)
     return model, tok, image_processor_for(cfg)
 
@@ -61,13 +62,13 @@ def trained_tiny(trained_tiny_checkpoint):
 @pytest.fixture(scope="session")
 def anchor_model():
     """A tiny model taught (text loss only) to answer the direct instruction with the anchors."""
-    from agvas.train.config import tiny
+    from agvas.train.config import tiny_sam
     from agvas.train.modeling import build_model, image_processor_for
     from agvas.train.reference import ReferencePipeline, prompt_ids
     from agvas.train.templates import CANONICAL_DIRECT_ANSWER, canonical_instruction
 
     torch.manual_seed(0)
-    cfg = tiny()
+    cfg = tiny_sam()
     model, tok = build_model(cfg)
     proc = image_processor_for(cfg)
     pipe = ReferencePipeline(model, tok, proc)

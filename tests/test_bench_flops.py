@@ -10,12 +10,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from agvas.train.config import PixelEncoderConfig, get_config, tiny
+from agvas.train.config import PixelEncoderConfig, get_config, tiny_sam
 from agvas.benchmarks import flops as F
 
 
 def _small_cfg():
-    cfg = tiny()
+    cfg = tiny_sam()
     t = cfg.llava["text_config"]
     t.update(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
              vocab_size=10)
@@ -62,7 +62,7 @@ def test_sam_flops_hand_count_windowed_vs_global():
 def tiny_model():
     from agvas.train.modeling import build_model
 
-    model, _ = build_model(tiny())
+    model, _ = build_model(tiny_sam())
     return model
 
 
@@ -90,7 +90,7 @@ def test_pipeline_flops_use_the_token_counts(tiny_model):
     from agvas.calibration.memory_plan import token_counts
     from agvas.train.modeling import build_model
 
-    meta, tok = build_model(tiny(), device="meta")
+    meta, tok = build_model(tiny_sam(), device="meta")
     tc = token_counts(meta, tok, (96, 160))
     f = F.pipeline_flops(tiny_model.cfg, tc, vocab=tiny_model.ids.vocab_size)
     assert set(f) == set(F.STAGES)

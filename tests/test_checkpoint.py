@@ -9,7 +9,7 @@ import torch
 from conftest import random_image
 
 from agvas.train.checkpoint import load_checkpoint, save_checkpoint
-from agvas.train.config import tiny
+from agvas.train.config import tiny_sam
 from agvas.train.modeling import build_model, image_processor_for
 from agvas.train.reference import ReferencePipeline
 
@@ -36,7 +36,7 @@ def test_lora_checkpoint_saves_trainable_and_merges(tmp_path):
     """A LoRA checkpoint (base weights from a --llava dir) stores the trainable parts; merge matches."""
     from agvas.train.lora import apply_lora, configure_trainable
 
-    cfg = tiny()
+    cfg = tiny_sam()
     cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout = 4, 8, 0.0
     model, tok = build_model(cfg)
     proc = image_processor_for(cfg)
@@ -76,7 +76,7 @@ def test_sam_loader_official_layout(tiny_parts, tmp_path):
     model, _, _ = tiny_parts
     f = tmp_path / "sam_vit_tiny.pth"
     state = _official_sam_file(f, model)
-    m2, _ = build_model(tiny(), sam_path=f)
+    m2, _ = build_model(tiny_sam(), sam_path=f)
     for k, v in m2.pixel_encoder.state_dict().items():
         assert torch.equal(v, state[f"image_encoder.{k}"])
 
@@ -84,27 +84,27 @@ def test_sam_loader_official_layout(tiny_parts, tmp_path):
 def test_sam_loader_errors(tiny_parts, tmp_path):
     model, _, _ = tiny_parts
     with pytest.raises(FileNotFoundError, match="missing.pth: file not found"):
-        build_model(tiny(), sam_path=tmp_path / "missing.pth")
+        build_model(tiny_sam(), sam_path=tmp_path / "missing.pth")
     bad = tmp_path / "wrong_shape.pth"
     state = {f"image_encoder.{k}": v for k, v in model.pixel_encoder.state_dict().items()}
     state["image_encoder.neck.0.weight"] = torch.zeros(3, 3, 1, 1)
     torch.save(state, bad)
     with pytest.raises(ValueError, match=r"wrong_shape\.pth.*neck\.0\.weight"):
-        build_model(tiny(), sam_path=bad)
+        build_model(tiny_sam(), sam_path=bad)
     miss = tmp_path / "missing_keys.pth"
     state = {f"image_encoder.{k}": v for k, v in model.pixel_encoder.state_dict().items() if "blocks.0." not in k}
     torch.save(state, miss)
     with pytest.raises(ValueError, match=r"missing_keys\.pth.*missing \['blocks\.0\."):
-        build_model(tiny(), sam_path=miss)
+        build_model(tiny_sam(), sam_path=miss)
     evil = tmp_path / "pickle.pth"
     with open(evil, "wb") as fh:
         pickle.dump({"image_encoder.x": _Opaque()}, fh)
     with pytest.raises(ValueError, match=r"pickle\.pth: not a weights-only checkpoint"):
-        build_model(tiny(), sam_path=evil)
+        build_model(tiny_sam(), sam_path=evil)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pth"):
-        build_model(tiny(), sam_path=junk)
+        build_model(tiny_sam(), sam_path=junk)
 
 
 class _Opaque:  # an arbitrary class: a weights-only load must refuse it
@@ -117,12 +117,12 @@ def test_llava_dir_loader(tiny_parts, tmp_path):
     model.llava.save_pretrained(d)
     tok.save_pretrained(d)
     proc.save_pretrained(d)
-    m2, tok2 = build_model(tiny(), llava_dir=d)
+    m2, tok2 = build_model(tiny_sam(), llava_dir=d)
     for k, v in model.llava.state_dict().items():
         assert torch.equal(v, m2.llava.state_dict()[k]), k
     assert m2.ids == model.ids and m2.cfg.tokenizer_dir == str(d.resolve())
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        build_model(tiny(), llava_dir=tmp_path)
+        build_model(tiny_sam(), llava_dir=tmp_path)
 
 
 def test_checkpoint_errors(anchor_model, tmp_path):

@@ -36,11 +36,11 @@ def meta(tmp_path_factory):
 def real_layout(tmp_path_factory):
     """Tiny-dimension weights in the real on-disk formats: a LLaVA-OneVision directory saved in
     float16 (as llava-hf publishes them) and a SAM file in the official sam_vit_*.pth layout."""
-    from agvas.train.config import tiny
+    from agvas.train.config import tiny_sam
     from agvas.train.modeling import build_model, image_processor_for
 
     out = tmp_path_factory.mktemp("real")
-    cfg = tiny()
+    cfg = tiny_sam()
     model, tok = build_model(cfg)
     llava = out / "llava-onevision-fp16"
     model.llava.to(torch.float16).save_pretrained(llava)
@@ -215,5 +215,5 @@ def test_the_prepared_gpu_check_runs_in_smoke_mode(tmp_path):
 
     assert check(["--smoke", "--out", str(tmp_path), "--steps-05b", "2", "--steps-7b", "2"]) == 0
     got = json.loads((tmp_path / "gpu_train_check.json").read_text())
-    assert got["tiny_train_64"]["losses_finite"] and got["tiny_train_128"]["losses_finite"]
-    assert got["tiny_reference_latency_s"]["n_visual"] > 0
+    assert got["tiny-sam_train_64"]["losses_finite"] and got["tiny-sam_train_128"]["losses_finite"]
+    assert got["tiny-sam_reference_latency_s"]["n_visual"] > 0

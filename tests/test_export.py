@@ -155,7 +155,7 @@ def test_graphs_pass_checker_and_shape_inference(tiny_export):
 def test_manifest_contents_and_refusals(tiny_export, tmp_path):
     ckpt, m, model, _, _ = tiny_export
     d = m.data
-    assert d["source"]["config_name"] == "tiny" and d["config"] == model.cfg.to_dict() | {"tokenizer_dir": None}
+    assert d["source"]["config_name"] == "tiny-sam" and d["config"] == model.cfg.to_dict() | {"tokenizer_dir": None}
     assert d["token_ids"] == model.ids.to_dict()
     assert d["postprocess"] == {"alpha": 0.5, "threshold": 0.5}
     assert d["prompt"]["instructions"]["direct"] == "Please segment the anomalies in this image."

@@ -10,7 +10,7 @@ from agvas.calibration.memory_plan import (ENGINES, PRECISIONS, engine_weights, 
                                      token_counts)
 
 
-@pytest.mark.parametrize("name", ["tiny", "ov-0.5b", "ov-7b"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-sam", "ov-0.5b", "ov-7b"])
 def test_engine_weights_match_parameter_counts(name):
     plan = memory_plan(name)
     c, w = plan["parameter_counts"], plan["weights"]

@@ -10,7 +10,7 @@ import torch
 from conftest import random_image
 from PIL import Image
 
-from agvas.train.config import tiny
+from agvas.train.config import tiny_sam
 from agvas.train.modeling.agmd import postprocess_map
 from agvas.train.preprocess import sam_preprocess
 from agvas.runtime.interpolate import resize_bilinear
@@ -39,7 +39,7 @@ def hf_processor(size: int, pinpoints):
 def test_siglip_crops_equal_hf_processor(tiny_parts, hw):
     _, _, proc = tiny_parts
     img = random_image(hw[0] * 7 + hw[1], hw[1], hw[0])
-    p = hf_params(proc, tiny())
+    p = hf_params(proc, tiny_sam())
     ref = proc(images=[img], return_tensors="np")
     got = siglip_crops(img, p)
     assert got.dtype == np.float32
@@ -70,7 +70,7 @@ def test_select_best_resolution_matches_hf():
 
 @pytest.mark.parametrize("hw", [(64, 64), (96, 80), (37, 200), (131, 67)])
 def test_sam_input_equals_reference(hw):
-    cfg = tiny()
+    cfg = tiny_sam()
     img = random_image(hw[0] + hw[1], hw[1], hw[0])
     ref, ref_size = sam_preprocess(img, cfg)
     got, size = sam_input(img, SamParams(cfg.pixel_encoder.img_size, cfg.sam_pixel_mean, cfg.sam_pixel_std))
@@ -162,4 +162,4 @@ def test_exif_rotated_and_modes_match_reference_preprocessing(tiny_parts, tmp_pa
     loaded = load_image(path)
     assert loaded.size == (60, 90)
     ref = proc(images=[loaded], return_tensors="np")["pixel_values"][0]
-    assert np.array_equal(siglip_crops(loaded, hf_params(proc, tiny())), ref)
+    assert np.array_equal(siglip_crops(loaded, hf_params(proc, tiny_sam())), ref)

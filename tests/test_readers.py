@@ -271,10 +271,10 @@ def test_partimagenet_supercategory_names_and_uncompressed_rle(tmp_path):
 
 
 def _stub_model():
-    from agvas.train.config import tiny
+    from agvas.train.config import tiny_sam
     from agvas.train.tokenizer import add_anchor_tokens, load_tokenizer
 
-    cfg = tiny()
+    cfg = tiny_sam()
     tok = load_tokenizer(cfg)
     anchors = tuple(add_anchor_tokens(tok))
     ids = SimpleNamespace(image=tok.convert_tokens_to_ids(cfg.image_token), anchors=anchors,

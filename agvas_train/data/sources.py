@@ -51,10 +51,15 @@ class Example:
 
 
 def augment(image: Image.Image, mask: np.ndarray, rng: random.Random,
-            geometric: bool = True) -> tuple[Image.Image, np.ndarray]:
+            geometric: bool = True, strong: bool = False) -> tuple[Image.Image, np.ndarray]:
     """Flips and 90° rotations (image and mask alike; skipped when not ``geometric``, e.g. for
     referring phrases such as "the left man"), then photometric jitter: grayscale with
-    p = 0.25 (many line cameras are monochrome) and a random gain/offset with p = 0.5."""
+    p = 0.25 (many line cameras are monochrome) and a random gain/offset with p = 0.5.
+    ``strong`` first adds, each with p = 0.5, a random zoom (a crop of 60-100 % of each side,
+    resized back: image bilinear, mask nearest) and a random permutation of the colour channels,
+    so that "normal" is not one scale and one palette per texture."""
+    if strong:
+        image, mask = _zoom_and_permute(image, mask, rng)
     k, flip = (rng.randrange(4), rng.random() < 0.5) if geometric else (0, False)
     arr = np.rot90(np.asarray(image), k)
     m = np.rot90(mask, k)
@@ -68,17 +73,47 @@ def augment(image: Image.Image, mask: np.ndarray, rng: random.Random,
     return Image.fromarray(np.ascontiguousarray(arr)), np.ascontiguousarray(m)
 
 
+def _zoom_and_permute(image: Image.Image, mask: np.ndarray, rng: random.Random) -> tuple[Image.Image, np.ndarray]:
+    w, h = image.size
+    if rng.random() < 0.5:
+        cw, ch = max(1, round(w * rng.uniform(0.6, 1.0))), max(1, round(h * rng.uniform(0.6, 1.0)))
+        x0, y0 = rng.randrange(w - cw + 1), rng.randrange(h - ch + 1)
+        box = (x0, y0, x0 + cw, y0 + ch)
+        image = image.crop(box).resize((w, h), Image.BILINEAR)
+        m = Image.fromarray(mask.astype(np.uint8) * 255).crop(box).resize((w, h), Image.NEAREST)
+        mask = np.asarray(m) > 127
+    if rng.random() < 0.5:
+        order = [0, 1, 2]
+        while order == [0, 1, 2]:
+            rng.shuffle(order)
+        image = Image.fromarray(np.ascontiguousarray(np.asarray(image.convert("RGB"))[..., order]))
+    return image, mask
+
+
 class AnomalySource:
     """Labelled anomaly images; ``modes`` maps inference mode -> probability (direct only is
     the paper's Anomaly-Seg; describe/describe_plus/explain is Anomaly-Instruct)."""
 
-    def __init__(self, records: list[Record], modes: dict[str, float], augment: bool = True) -> None:
+    def __init__(self, records: list[Record], modes: dict[str, float], augment: bool = True,
+                 normal_share: float | None = None, strong_augment: bool = False) -> None:
         if not records:
             raise ValueError("anomaly source has no records")
         self.records = records
         self.modes = list(modes)
         self.weights = [modes[m] for m in self.modes]
         self.augment = augment
+        self.strong_augment = strong_augment  # augment(strong=True): zoom and colour-channel permutation too
+        # normal_share: draw a normal image with this probability (else an anomalous one), instead
+        # of uniformly over the records (None: uniform; the split's own share)
+        self.normal_share = normal_share
+        if normal_share is not None:
+            if not 0.0 <= normal_share <= 1.0:
+                raise ValueError(f"normal share {normal_share} is not within [0, 1]")
+            self._normal = [i for i, r in enumerate(records) if not r.anomaly]
+            self._anomalous = [i for i, r in enumerate(records) if r.anomaly]
+            if (normal_share > 0 and not self._normal) or (normal_share < 1 and not self._anomalous):
+                raise ValueError(f"normal share {normal_share}: the records have {len(self._normal)} normal and "
+                                 f"{len(self._anomalous)} anomalous images")
 
     @classmethod
     def from_meta(cls, path: str | Path, split: str, modes: dict[str, float], **kw) -> "AnomalySource":
@@ -87,15 +122,58 @@ class AnomalySource:
     def __len__(self) -> int:
         return len(self.records)
 
+    def sample(self, rng: random.Random) -> Example:
+        """Uniform over the records (what ``draw`` does for any source), or by ``normal_share``."""
+        if self.normal_share is None:
+            return self.example(rng.randrange(len(self.records)), rng)
+        pool = self._normal if rng.random() < self.normal_share else self._anomalous
+        return self.example(pool[rng.randrange(len(pool))], rng)
+
     def example(self, i: int, rng: random.Random) -> Example:
         rec = self.records[i]
         image = load_image(rec.image)
         mask = load_mask(rec, (image.height, image.width))
         if self.augment:
-            image, mask = augment(image, mask, rng)
+            image, mask = augment(image, mask, rng, strong=self.strong_augment)
         mode = rng.choices(self.modes, self.weights)[0]
         fields = None if mode == "direct" else describe(np.asarray(image), mask, rec.category, rec.specie)
         instruction, answer = conversation(fields, mode, rng)
+        return Example(image, mask, instruction, answer, SEG_ALL)
+
+
+# scikit-image's bundled photographs (offline, no download): generic scenes and objects, none of
+# them industrial or medical, used as extra *normal* images (PhotoNormalSource)
+PHOTO_NORMALS = ("astronaut", "camera", "chelsea", "coffee", "coins", "rocket", "clock")
+
+
+class PhotoNormalSource:
+    """Normal images that are not parts: random square crops (25-100 % of the short side) of
+    scikit-image's bundled photographs, resized to ``size``, with empty masks and the direct
+    answer, all mask channels supervised (as a normal Anomaly-Seg image). A model that has only
+    seen the training categories' normal textures reads any unfamiliar structure (a gland, a
+    through-hole) as a defect; these teach it that structure alone is not an anomaly."""
+
+    def __init__(self, names: tuple[str, ...] = PHOTO_NORMALS, size: int = 128, augment: bool = True,
+                 strong_augment: bool = False) -> None:
+        import skimage.data
+
+        self.names = tuple(names)
+        self.images = [Image.fromarray(getattr(skimage.data, n)()).convert("RGB") for n in self.names]
+        self.size, self.augment, self.strong_augment = size, augment, strong_augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def example(self, i: int, rng: random.Random) -> Example:
+        im = self.images[i]
+        w, h = im.size
+        side = max(1, int(min(w, h) * rng.uniform(0.25, 1.0)))
+        x0, y0 = rng.randrange(w - side + 1), rng.randrange(h - side + 1)
+        image = im.crop((x0, y0, x0 + side, y0 + side)).resize((self.size, self.size), Image.BILINEAR)
+        mask = np.zeros((self.size, self.size), bool)
+        if self.augment:
+            image, mask = augment(image, mask, rng, strong=self.strong_augment)
+        instruction, answer = conversation(None, "direct", rng)
         return Example(image, mask, instruction, answer, SEG_ALL)
 
 

@@ -42,7 +42,8 @@ def token_ids(tokenizer, vocab_size: int, cfg: AGVASConfig) -> TokenIds:
 
 def build_model(cfg: AGVASConfig, *, tokenizer=None, llava_dir: str | Path | None = None,
                 sam_path: str | Path | None = None, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None, llava_dtype: torch.dtype | None = None) -> tuple[AGVAS, Any]:
+                dtype: torch.dtype | None = None, llava_dtype: torch.dtype | None = None,
+                pretrained_pixel: bool = True) -> tuple[AGVAS, Any]:
     """Build AG-VAS for ``cfg``.
 
     - random init (seeded by ``cfg.seed``) when no weights are given — the `tiny` default and
@@ -52,7 +53,9 @@ def build_model(cfg: AGVASConfig, *, tokenizer=None, llava_dir: str | Path | Non
     - ``device="meta"``: no memory at all, for parameter counts and memory planning;
     - ``dtype``: the whole model in that dtype (default: as built, float32);
     - ``llava_dtype``: the dtype the LLaVA-OneVision weights are loaded in (default ``dtype``, else
-      float32 — never the files' own dtype: llava-hf directories are saved in float16).
+      float32 — never the files' own dtype: llava-hf directories are saved in float16);
+    - ``pretrained_pixel``: a pixel encoder with packaged pretrained weights (``kind``
+      ``efficientnet_lite0``) loads them (a checkpoint that holds them passes False).
     The anchors are added to the tokenizer and the embeddings/LM head resized when needed.
     """
     from .weights import load_llava_dir, read_sam_encoder_state, sam_encoder_config
@@ -85,6 +88,8 @@ def build_model(cfg: AGVASConfig, *, tokenizer=None, llava_dir: str | Path | Non
         from .weights import load_sam_encoder_state
 
         load_sam_encoder_state(model.pixel_encoder, sam_state, sam_path)
+    if pretrained_pixel and str(device) != "meta" and hasattr(model.pixel_encoder, "load_pretrained"):
+        model.pixel_encoder.load_pretrained()
     if str(device) != "meta":
         model.to(device)
         if dtype is not None:

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..config import PixelEncoderConfig
+from ..config import PIXEL_ENCODER_KINDS, PixelEncoderConfig
 
 
 def sam_modeling() -> types.ModuleType:
@@ -35,8 +35,16 @@ def sam_modeling() -> types.ModuleType:
 
 
 def build_pixel_encoder(cfg: PixelEncoderConfig) -> nn.Module:
-    """An ``ImageEncoderViT`` with SAM's settings (as in segment-anything's ``build_sam.py``)."""
+    """An ``ImageEncoderViT`` with SAM's settings (as in segment-anything's ``build_sam.py``);
+    for ``cfg.kind == "efficientnet_lite0"`` the frozen EfficientNet-Lite0 encoder of
+    ``effnet.py`` (random until its ``load_pretrained``: ``build_model`` loads it)."""
     m = sam_modeling()
+    if cfg.kind == "efficientnet_lite0":
+        from .effnet import EffNetPixelEncoder
+
+        return EffNetPixelEncoder(cfg)
+    if cfg.kind != "sam":
+        raise ValueError(f"pixel encoder kind {cfg.kind!r}: expected one of {PIXEL_ENCODER_KINDS}")
     return m.ImageEncoderViT(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
