@@ -48,8 +48,9 @@ def configure_trainable(model: nn.Module) -> None:
     """Set ``requires_grad`` per DESIGN §2.10 for the model's config.
 
     Real configs: LoRA weights, SPAM, token refiner, AGMD, token embeddings and LM head train;
-    SigLIP, projector, SAM encoder and the LLM base weights stay frozen. ``tiny`` (no pretrained
-    weights exist) trains everything, the SigLIP tower and the SAM pixel encoder included.
+    SigLIP, projector, SAM encoder and the LLM base weights stay frozen. ``tiny-sam`` (no pretrained
+    weights exist) trains everything, the SigLIP tower and the SAM pixel encoder included; ``tiny``
+    too, except its pixel encoder's ``frozen_modules`` (the ImageNet EfficientNet-Lite0 backbone).
     """
     cfg = model.cfg
     for p in model.parameters():
